@@ -1,0 +1,19 @@
+"""Backend-specific pieces: the per-example gradient primitive, the compiled
+step and noise generation. Everything else in keras_dpsgd uses `keras.ops`."""
+
+import keras
+
+_name = keras.backend.backend()
+if _name == "jax":
+    from keras_dpsgd.backend import jax as impl
+elif _name == "tensorflow":
+    from keras_dpsgd.backend import tensorflow as impl
+elif _name == "torch":
+    from keras_dpsgd.backend import torch as impl
+else:  # pragma: no cover
+    raise ImportError(
+        f"keras_dpsgd supports the jax, tensorflow and torch backends; "
+        f"KERAS_BACKEND is {_name!r}."
+    )
+
+gaussian_noise = impl.gaussian_noise

@@ -1,0 +1,151 @@
+"""JAX backend: vmapped per-example gradients and the jitted physical step.
+
+The step is `train_step(model, state, data)` with Keras' stateless state tuple
+(trainable, non_trainable, optimizer, metrics variables). `data` is one
+physical batch `(x, y, sample_weight, mask, is_last)` of fixed shape, so the
+step compiles once whatever the Poisson batch size (DESIGN.md section 3).
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+from keras import tree
+
+from keras_dpsgd import clipping
+
+
+def _key(seed_words):
+    return jax.lax.bitcast_convert_type(jnp.asarray(seed_words, jnp.int32), jnp.uint32)
+
+
+def gaussian_noise(seed_words, step, index, shape):
+    """Standard normal float32 noise for (seed, logical step, variable index)."""
+    key = jax.random.fold_in(jax.random.fold_in(_key(seed_words), step), index)
+    return jax.random.normal(key, shape, dtype=jnp.float32)
+
+
+def _seed_state_positions(model):
+    # Keras' SeedGenerator state (dropout and other random layers).
+    return [i for i, v in enumerate(model.non_trainable_variables)
+            if v.name == "seed_generator_state"]
+
+
+def per_example_grads(model, trainable, non_trainable, metrics_vars, optimizer_vars,
+                      x, y, sample_weight):
+    """Per-example losses, predictions and gradients, by vmap over the batch.
+
+    Random layers get a different key per example: the SeedGenerator states
+    are not batched by vmap, so without this every example would share one
+    dropout mask (a verified pitfall). Returns (losses (B,), y_pred, grads) and
+    the advanced non-trainable state.
+    """
+    batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+    seed_pos = set(_seed_state_positions(model))
+
+    per_ex_ntv = []
+    ntv_axes = []
+    for i, v in enumerate(non_trainable):
+        if i in seed_pos:
+            per_ex_ntv.append(jax.vmap(lambda k, s=v: jax.random.fold_in(s, k))(jnp.arange(batch)))
+            ntv_axes.append(0)
+        else:
+            per_ex_ntv.append(v)
+            ntv_axes.append(None)
+
+    def one(tv, ntv, xi, yi, swi):
+        def add_batch_axis(a):
+            return None if a is None else tree.map_structure(lambda t: t[None], a)
+
+        xb, yb, swb = add_batch_axis(xi), add_batch_axis(yi), add_batch_axis(swi)
+        loss, (unscaled, y_pred, _, _) = model.compute_loss_and_updates(
+            tv, ntv, metrics_vars, xb, yb, swb, training=True,
+            optimizer_variables=optimizer_vars)
+        return loss, (unscaled, tree.map_structure(lambda a: a[0], y_pred))
+
+    grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True),
+                       in_axes=(None, ntv_axes, 0, 0, 0))
+    (_, (losses, y_pred)), grads = grad_fn(trainable, per_ex_ntv, x, y, sample_weight)
+
+    # Advance each seed state once per physical batch (fresh keys next time);
+    # other non-trainable state is not updated by private training.
+    new_ntv = [v + jnp.array([0, 1], dtype=v.dtype) if i in seed_pos else v
+               for i, v in enumerate(non_trainable)]
+    return losses, y_pred, grads, new_ntv
+
+
+def train_step(model, state, data):
+    trainable, non_trainable, optimizer_vars, metrics_vars = state
+    x, y, sample_weight, mask, is_last = data
+    opt = model.optimizer
+    clip = optimizer_vars[opt.variable_position(opt.l2_norm_clip)]
+
+    losses, y_pred, grads, non_trainable = per_example_grads(
+        model, trainable, non_trainable, metrics_vars, optimizer_vars, x, y, sample_weight)
+    sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip)
+
+    def apply(tv, ov):
+        return opt.stateless_apply(ov, sums, tv)
+
+    def accumulate(tv, ov):
+        return list(tv), opt.stateless_accumulate(ov, sums)
+
+    # I2: one noisy update on the last physical batch of the logical batch.
+    trainable, optimizer_vars = jax.lax.cond(
+        is_last[0], apply, accumulate, list(trainable), list(optimizer_vars))
+
+    logs, metrics_vars = update_metrics(model, metrics_vars, losses, mask, x, y, y_pred,
+                                        sample_weight, num_nonfinite)
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weight, num_nonfinite):
+    """Loss and compiled metrics over real rows only (I4)."""
+    real = mask.astype(jnp.float32)
+    num_real = jnp.sum(real)
+    safe = jnp.where(mask & jnp.isfinite(losses), losses, 0.0)
+    mean_loss = jnp.sum(safe) / jnp.maximum(num_real, 1.0)
+    weights = real if sample_weight is None else real * jnp.asarray(sample_weight, jnp.float32).reshape(real.shape[0], -1)[:, 0]
+    mapping = list(zip(model.metrics_variables, metrics_vars))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        model._loss_tracker.update_state(mean_loss, sample_weight=num_real)
+        logs = model.compute_metrics(x, y, y_pred, weights)
+    new_vars = []
+    for ref, old in zip(model.metrics_variables, metrics_vars):
+        v = scope.get_current_value(ref)
+        new_vars.append(old if v is None else v)
+    return logs, new_vars
+
+
+class Runner:
+    """Feeds physical batches to the jitted step, threading the JAX state like
+    Keras' own fit loop (state stays on device; synced at epoch end or when a
+    callback asks)."""
+
+    def __init__(self, model):
+        self.model = model
+        model.make_train_function()
+        self.state = None
+
+    def begin_epoch(self):
+        self.model._jax_state_synced = True
+
+    def run(self, data):
+        m = self.model
+        if m._jax_state_synced:
+            self.state = m._get_jax_state(
+                trainable_variables=True, non_trainable_variables=True,
+                optimizer_variables=True, metrics_variables=True,
+                purge_model_variables=True)
+            m._jax_state_synced = False
+        logs, self.state = m.train_function(self.state, iter([data]))
+        tv, ntv, ov, mv = self.state
+        m._jax_state = {"trainable_variables": tv, "non_trainable_variables": ntv,
+                        "optimizer_variables": ov, "metrics_variables": mv}
+        return logs
+
+    def sync(self):
+        self.model.jax_state_sync()
+
+    def end(self):
+        self.model.jax_state_sync()
+        self.model._jax_state = None

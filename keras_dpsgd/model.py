@@ -1,0 +1,336 @@
+"""`DPModel`: a keras.Model whose `fit` is DP-SGD without shortcuts.
+
+The fit loop is written once for every backend. Per logical step it draws a
+Poisson sample (I1), feeds it as fixed-shape masked physical batches to the
+backend's compiled step (I2, I3, I4), whose optimizer adds noise once and
+divides by the expected batch size (I5, I6); then it accounts the step (I7).
+One Keras "batch" in callbacks and the progress bar is one *logical* step.
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_dpsgd import accounting
+from keras_dpsgd import backend as dp_backend
+from keras_dpsgd import sampling
+from keras_dpsgd import validation
+from keras_dpsgd.optimizer import DPOptimizer
+
+
+class PrivacyBudgetExceededError(RuntimeError):
+    """Raised when fit() is asked to train past its epsilon budget."""
+
+
+_FIT_UNSUPPORTED = {
+    "shuffle": "Poisson sampling replaces shuffling; there is nothing to shuffle.",
+    "class_weight": "pass per-example weights as sample_weight instead.",
+    "validation_split": "split the data yourself and pass validation_data.",
+    "steps_per_execution": "not supported by DP fit.",
+}
+
+
+@keras.saving.register_keras_serializable(package="keras_dpsgd")
+class DPModel(keras.Model):
+    """A `keras.Model` trained with DP-SGD (Poisson sampling, per-example
+    clipping, Gaussian noise, privacy accounting).
+
+    Use it like `keras.Model`: functionally (`DPModel(inputs, outputs)`) or as
+    a base class; or make an existing model private with `make_private`.
+    `compile()` is Keras' own (the optimizer is wrapped in a `DPOptimizer`);
+    `fit()` takes the DP arguments.
+
+    Example:
+        >>> inputs = keras.Input((20,))
+        >>> outputs = keras.layers.Dense(2)(inputs)
+        >>> model = DPModel(inputs, outputs)
+        >>> model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model.fit(x, y, batch_size=64, epochs=3, l2_norm_clip=1.0, target_epsilon=3.0)
+        >>> model.privacy_spent()
+        (2.99..., 1e-05)
+    """
+
+    def compile(self, optimizer="rmsprop", *args, steps_per_execution=1, **kwargs):
+        if steps_per_execution != 1:
+            raise ValueError("DPModel runs one physical batch per step; steps_per_execution must be 1.")
+        if not isinstance(optimizer, DPOptimizer):
+            optimizer = DPOptimizer(keras.optimizers.get(optimizer))
+        super().compile(optimizer, *args, **kwargs)
+
+    def train_step(self, *args):
+        return dp_backend.impl.train_step(self, *args)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+            callbacks=None, validation_data=None, sample_weight=None,
+            initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+            validation_batch_size=None, validation_freq=1, *,
+            l2_norm_clip=None, noise_multiplier=None, target_epsilon=None,
+            target_delta=None, physical_batch_size=None, seed=None,
+            accountant="rdp", **kwargs):
+        """Trains with DP-SGD. Returns a `keras.callbacks.History`.
+
+        Args:
+            x, y, sample_weight: training data with random access by index
+                (arrays, memory-mapped arrays, dicts/tuples of arrays, or an
+                object with `__len__` and `__getitem__(index_array)`).
+                Datasets and generators are refused: they cannot be
+                Poisson-sampled. Sample weights scale each example's loss
+                before clipping.
+            batch_size: the **expected** logical batch size q*N; each example
+                is in a logical batch independently with probability q.
+            epochs: number of epochs of `steps_per_epoch` logical steps.
+            steps_per_epoch: logical steps per epoch. Default round(1/q), so
+                an epoch sees each example once in expectation.
+            l2_norm_clip: C > 0, the L2 norm each per-example gradient is
+                clipped to (over all trainable weights).
+            noise_multiplier: sigma >= 0; noise std is sigma*C on the sum.
+                0 is allowed for debugging (epsilon is infinite; warns).
+            target_epsilon: epsilon budget > 0 instead of noise_multiplier;
+                sigma is calibrated so that epochs*steps_per_epoch logical
+                steps spend it, and fit stops before exceeding it.
+            target_delta: delta in (0, 1). Default 1/(10 N).
+            physical_batch_size: rows per compiled step (memory knob; the
+                result does not depend on it). Default min(batch_size, 128)
+                rounded up to a multiple of 8.
+            seed: int for reproducible sampling and noise (experiments only;
+                not for production). Default None: OS entropy. Only the first
+                fit of a model sets it; later fits continue the same streams.
+            accountant: "rdp" (default) or "pld".
+            callbacks, verbose, validation_data, validation_steps,
+            validation_batch_size, validation_freq, initial_epoch: as in Keras.
+        """
+        for name in kwargs:
+            if name in _FIT_UNSUPPORTED:
+                raise ValueError(f"DPModel.fit does not take {name}: {_FIT_UNSUPPORTED[name]}")
+            raise TypeError(f"DPModel.fit() got an unexpected keyword argument {name!r}.")
+        self._assert_compile_called("fit")
+        if not isinstance(self.optimizer, DPOptimizer):
+            raise ValueError("DPModel needs a DPOptimizer; compile() wraps yours, so call compile() again.")
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}.")
+
+        data = sampling.RandomAccessData(x, y, sample_weight)
+        n = data.num_examples
+        validation.check_dp_params(l2_norm_clip, noise_multiplier, target_epsilon, target_delta,
+                                   physical_batch_size, batch_size, n)
+        q = float(batch_size) / n
+        if physical_batch_size is None:
+            physical_batch_size = min(int(math.ceil(batch_size)), 128)
+            physical_batch_size = int(8 * math.ceil(physical_batch_size / 8))
+        physical_batch_size = int(physical_batch_size)
+        if steps_per_epoch is None:
+            steps_per_epoch = max(1, int(round(1.0 / q)))
+        if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch}.")
+        steps_per_epoch = int(steps_per_epoch)
+        delta = float(target_delta) if target_delta is not None else accounting.default_delta(n)
+        planned_steps = max(0, int(epochs) - int(initial_epoch)) * steps_per_epoch
+
+        # Build model, metrics and optimizer from one batch's shapes, without
+        # drawing a sample (the sampler stream must not move).
+        self._symbolic_build(data_batch=data.take(np.zeros((physical_batch_size,), np.int64)))
+        validation.check_layers(self)
+        opt = self.optimizer
+        if not opt.built:
+            opt.build(self.trainable_variables)
+
+        sigma = self._configure_privacy(opt, q=q, batch_size=float(batch_size), clip=float(l2_norm_clip),
+                                        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+                                        delta=delta, planned_steps=planned_steps, seed=seed,
+                                        accountant=accountant)
+        cfg = opt.config_values()
+        steps_taken = cfg["logical_steps"]
+        budget = None
+        if target_epsilon is not None:
+            budget = accounting.max_steps(float(target_epsilon), delta, q, sigma, accountant)
+            if steps_taken >= budget and planned_steps > 0:
+                raise PrivacyBudgetExceededError(
+                    f"The privacy budget is spent: {steps_taken} logical steps already give "
+                    f"epsilon = {self.privacy_spent(accountant=accountant)[0]:.4g} (delta = {delta:.3g}), and "
+                    f"one more would exceed target_epsilon = {target_epsilon}. Stop training, or "
+                    "start a new model with a larger budget.")
+        self._dp_last_accountant = accountant
+        sampler = sampling.PoissonSampler(n, q, cfg["sampler_seed_words"])
+
+        if validation_data is not None:
+            val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(validation_data)
+
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = keras.callbacks.CallbackList(
+                callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+                epochs=epochs, steps=steps_per_epoch, model=self)
+        runner = dp_backend.impl.Runner(self)
+        self.stop_training = False
+        logs = {}
+        training_logs = {}
+        training_finished = False
+        callbacks.on_train_begin()
+        try:
+            for epoch in range(initial_epoch, epochs):
+                self.reset_metrics()
+                callbacks.on_epoch_begin(epoch)
+                runner.begin_epoch()
+                for step in range(steps_per_epoch):
+                    if budget is not None and steps_taken >= budget:
+                        self.stop_training = True
+                        warnings.warn(
+                            f"Stopping DP training: {steps_taken} logical steps spend "
+                            f"epsilon = {accounting.epsilon(q, sigma, steps_taken, delta, accountant):.4g}, "
+                            f"and the next step would exceed target_epsilon = {target_epsilon} "
+                            f"(delta = {delta:.3g}).", stacklevel=2)
+                        break
+                    callbacks.on_train_batch_begin(step)
+                    indices = sampler.sample(steps_taken)  # I1: fresh draw per logical step
+                    for idx, mask, is_last in sampling.physical_batches(indices, physical_batch_size):
+                        bx, by, bsw = data.take(idx)
+                        last = np.full(mask.shape, is_last)
+                        logs = runner.run((bx, by, bsw, mask, last))
+                    steps_taken += 1
+                    step_logs = dict(logs)
+                    if accountant == "rdp":
+                        step_logs["epsilon"] = accounting.epsilon(q, sigma, steps_taken, delta)
+                    callbacks.on_train_batch_end(step, step_logs)
+                    if self.stop_training:
+                        break
+                runner.sync()
+                epoch_logs = dict(self._get_metrics_result_or_logs(logs))
+                epoch_logs["epsilon"] = accounting.epsilon(q, sigma, steps_taken, delta, accountant)
+                epoch_logs["delta"] = delta
+                if validation_data is not None and self._should_eval(epoch, validation_freq):
+                    val_logs = self.evaluate(
+                        x=val_x, y=val_y, sample_weight=val_sw,
+                        batch_size=validation_batch_size or physical_batch_size,
+                        steps=validation_steps, callbacks=callbacks, return_dict=True)
+                    epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                callbacks.on_epoch_end(epoch, epoch_logs)
+                training_logs = epoch_logs
+                if self.stop_training:
+                    break
+            training_finished = True
+        finally:
+            runner.end()
+            if planned_steps > 0:
+                opt.finalize_variable_values(self.trainable_weights)
+            if training_finished:
+                callbacks.on_train_end(logs=training_logs)
+        return self.history
+
+    def _configure_privacy(self, opt, *, q, batch_size, clip, noise_multiplier, target_epsilon,
+                           delta, planned_steps, seed, accountant):
+        """Sets or checks the DP configuration; returns sigma."""
+        cfg = opt.config_values() if opt.is_configured else None
+        steps_taken = cfg["logical_steps"] if cfg else int(ops.convert_to_numpy(opt.iterations))
+        if cfg is not None and steps_taken > 0:
+            # Continuing: the accountant composes identical steps only.
+            if not math.isclose(cfg["sampling_rate"], q, rel_tol=1e-6):
+                raise ValueError(
+                    f"This model already took {steps_taken} logical steps with sampling rate "
+                    f"q = {cfg['sampling_rate']:.6g}; continuing with q = {q:.6g} (a different "
+                    "batch_size or training set) is not supported by the accountant. Keep "
+                    "batch_size and the data fixed, or train a new model.")
+            sigma = cfg["noise_multiplier"]
+            if noise_multiplier is not None and not math.isclose(sigma, noise_multiplier, rel_tol=1e-6):
+                raise ValueError(
+                    f"This model already took {steps_taken} logical steps with noise_multiplier "
+                    f"{sigma:.6g}; continuing with {noise_multiplier} is not supported.")
+            if target_epsilon is not None and not math.isclose(cfg["target_epsilon"], target_epsilon, rel_tol=1e-6):
+                raise ValueError(
+                    f"This model was trained under target_epsilon = {cfg['target_epsilon']:.6g}; "
+                    f"a new target ({target_epsilon}) would need a different noise level for the "
+                    "remaining steps, which is not supported. Keep the same target_epsilon.")
+            if seed is not None:
+                warnings.warn("seed is ignored: this model continues its sampling and noise streams.",
+                              stacklevel=3)
+            opt.configure(l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=batch_size,
+                          sampling_rate=q, target_delta=delta, target_epsilon=cfg["target_epsilon"] or None)
+            return sigma
+        if target_epsilon is not None:
+            if planned_steps < 1:
+                raise ValueError("target_epsilon needs epochs > initial_epoch to calibrate sigma.")
+            sigma = accounting.calibrate_noise(float(target_epsilon), delta, q, planned_steps, accountant)
+        else:
+            sigma = float(noise_multiplier)
+            if sigma == 0:
+                warnings.warn(
+                    "noise_multiplier=0: NO PRIVACY. Gradients are clipped but no noise is "
+                    "added, so epsilon is infinite. Use this only for debugging.", stacklevel=3)
+        sampler_words = sampling.new_seed_words(seed)
+        noise_words = sampling.new_seed_words(None if seed is None else [int(seed), 1])[:2]
+        opt.configure(l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=batch_size,
+                      sampling_rate=q, target_delta=delta, target_epsilon=target_epsilon,
+                      sampler_seed_words=sampler_words, noise_seed_words=noise_words)
+        return sigma
+
+    # ------------------------------------------------------------ privacy
+    def privacy_spent(self, delta=None, accountant=None):
+        """(epsilon, delta) for the logical steps this model actually took.
+
+        Args:
+            delta: delta to report at. Default: the fit's target_delta.
+            accountant: "rdp" or "pld". Default: the last fit's (or "rdp").
+        """
+        opt = self.optimizer
+        if not isinstance(opt, DPOptimizer) or not opt.is_configured:
+            return 0.0, delta
+        cfg = opt.config_values()
+        delta = cfg["target_delta"] if delta is None else float(delta)
+        accountant = accountant or getattr(self, "_dp_last_accountant", "rdp")
+        eps = accounting.epsilon(cfg["sampling_rate"], cfg["noise_multiplier"], cfg["logical_steps"],
+                                 delta, accountant)
+        return eps, delta
+
+
+@keras.saving.register_keras_serializable(package="keras_dpsgd")
+class _PrivateModel(DPModel):
+    """A DPModel around an existing model: same layers, same weights."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"private_{model.name}"), **kwargs)
+        self.model = model
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.model.built:
+            self.model.build(input_shape)
+        self.built = True
+
+    def get_config(self):
+        return {"model": keras.saving.serialize_keras_object(self.model), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+def make_private(model):
+    """A DP-trainable model that shares the weights of `model`.
+
+    Works for Sequential, functional and subclassed models (and keras-hub
+    task models). Training the returned model trains `model`'s weights; call
+    `compile()` on the returned model.
+
+    Example:
+        >>> base = keras.Sequential([keras.Input((20,)), keras.layers.Dense(2)])
+        >>> private = make_private(base)
+        >>> private.compile(optimizer="adam", loss="mse")
+    """
+    if isinstance(model, DPModel):
+        return model
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
+    validation.check_layers(model)
+    private = _PrivateModel(model)
+    if model.built and getattr(model, "inputs", None):
+        try:
+            private.build(None)
+        except Exception:  # pragma: no cover - building lazily on first fit is fine
+            pass
+    return private

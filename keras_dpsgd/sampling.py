@@ -1,0 +1,159 @@
+"""Poisson subsampling and masked physical batches (invariants I1, I2, I9).
+
+A logical step t draws a fresh Poisson sample of the whole training set: each
+example is in independently with probability q, so the size is
+Binomial(N, q) and, given the size, the members are a uniform subset (I1).
+The draw is split into fixed-shape physical batches with a mask; the last one is
+padded and flagged, so the compiled train step never changes shape (I2).
+
+The sampler is counter-based: the sample of logical step t is a pure function of
+(seed, t). Its whole state is the 128-bit seed plus the number of logical steps
+taken, both model state, so a saved and resumed run continues the same stream
+(I7) and the draw of step t is never repeated or skipped.
+"""
+
+import math
+import secrets
+import numpy as np
+
+from keras_dpsgd import validation
+
+
+def new_seed_words(seed=None):
+    """Four uint32 words (128 bits) of sampler seed.
+
+    OS entropy (`secrets`) when `seed` is None (I10); with an int seed the
+    stream is reproducible, which is for experiments, not for production.
+    """
+    if seed is None:
+        return np.frombuffer(secrets.token_bytes(16), dtype=np.uint32).copy()
+    entropy = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in entropy):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}.")
+    return np.random.SeedSequence([int(s) for s in entropy]).generate_state(4, np.uint32)
+
+
+class PoissonSampler:
+    """Draws the members of each logical batch by Poisson subsampling.
+
+    Args:
+        num_examples: N, the number of training examples (>= 1).
+        sampling_rate: q in (0, 1]; expected batch size is q * N.
+        seed_words: four uint32 words (see `new_seed_words`).
+
+    Example:
+        >>> s = PoissonSampler(1000, 0.01, new_seed_words(0))
+        >>> idx = s.sample(step=0)   # sorted int64 indices, size ~ Binomial(1000, 0.01)
+    """
+
+    def __init__(self, num_examples, sampling_rate, seed_words):
+        validation.check_sampling(num_examples, sampling_rate)
+        self.num_examples = int(num_examples)
+        self.sampling_rate = float(sampling_rate)
+        words = np.asarray(seed_words, dtype=np.uint32).reshape(4)
+        self._key = words.view(np.uint64)  # Philox key: 2 x uint64 = 128 bits
+
+    def _rng(self, step):
+        # Counter-based stream: step t owns counter block t in the high word,
+        # so streams of different steps never overlap.
+        return np.random.Generator(
+            np.random.Philox(key=self._key, counter=np.array([0, 0, 0, int(step)], dtype=np.uint64))
+        )
+
+    def sample(self, step):
+        """Sorted indices of logical step `step` (I1). May be empty."""
+        rng = self._rng(step)
+        size = int(rng.binomial(self.num_examples, self.sampling_rate))
+        if size == 0:
+            return np.zeros((0,), dtype=np.int64)
+        # Uniform subset of that size: Floyd / tail-shuffle inside numpy, O(size)
+        # when size << N. Sorted for locality (memory-mapped data); the clipped
+        # sum does not depend on order.
+        idx = rng.choice(self.num_examples, size=size, replace=False, shuffle=False)
+        return np.sort(idx.astype(np.int64))
+
+
+def physical_batches(indices, physical_batch_size):
+    """Split one logical batch into fixed-size (index, mask, is_last) triples.
+
+    Always at least one batch: an empty logical batch gives one fully masked
+    batch, so the step still adds noise and counts (I1: no resampling).
+    Padded rows point at example 0 and are masked out.
+    """
+    p = int(physical_batch_size)
+    n = max(1, math.ceil(len(indices) / p))
+    for k in range(n):
+        chunk = indices[k * p : (k + 1) * p]
+        idx = np.zeros((p,), dtype=np.int64)
+        idx[: len(chunk)] = chunk
+        mask = np.zeros((p,), dtype=bool)
+        mask[: len(chunk)] = True
+        yield idx, mask, k == n - 1
+
+
+class RandomAccessData:
+    """Training inputs that can be indexed by an array of example indices (I9).
+
+    Accepts numpy/JAX/TF/torch arrays, memory-mapped arrays, nested dicts /
+    tuples / lists of them, and any object with `__len__` and
+    `__getitem__(index_array)`. Refuses datasets and generators, whose order
+    the pipeline fixes and which cannot be Poisson-sampled.
+    """
+
+    def __init__(self, x, y=None, sample_weight=None):
+        for name, value in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+            validation.check_random_access(value, name)
+        self.structure = (x, y, sample_weight)
+        leaves = [leaf for leaf in _leaves(self.structure)]
+        if not leaves:
+            raise ValueError("fit() needs training data: x is None.")
+        lengths = {}
+        for path, leaf in leaves:
+            lengths[path] = len(leaf)
+        if len(set(lengths.values())) != 1:
+            detail = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise ValueError(
+                "All inputs must have the same number of examples (first "
+                f"dimension); got {detail}."
+            )
+        self.num_examples = next(iter(lengths.values()))
+        if self.num_examples < 1:
+            raise ValueError("The training set is empty; DP-SGD needs N >= 1 examples.")
+
+    def take(self, indices):
+        """The examples at `indices`, as numpy arrays in the input structure."""
+        return _map(lambda leaf: _gather(leaf, indices), self.structure)
+
+
+def _gather(leaf, indices):
+    if isinstance(leaf, np.ndarray):
+        return leaf[indices]
+    out = leaf[indices]
+    if hasattr(out, "numpy") and not isinstance(out, np.ndarray):
+        out = out.numpy() if not hasattr(out, "detach") else out.detach().cpu().numpy()
+    return np.asarray(out)
+
+
+def _leaves(structure, path="data"):
+    if structure is None:
+        return
+    if isinstance(structure, dict):
+        for k in structure:
+            yield from _leaves(structure[k], f"{path}[{k!r}]")
+    elif isinstance(structure, (list, tuple)):
+        for i, v in enumerate(structure):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, structure
+
+
+def _map(fn, structure):
+    if structure is None:
+        return None
+    if isinstance(structure, dict):
+        return {k: _map(fn, v) for k, v in structure.items()}
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
+        return type(structure)(*[_map(fn, v) for v in structure])
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(_map(fn, v) for v in structure)
+    return fn(structure)
