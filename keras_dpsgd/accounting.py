@@ -15,11 +15,10 @@ from dp_accounting import rdp
 
 ACCOUNTANTS = ("rdp", "pld")
 
-# RDP orders: a dense grid of integer orders plus a few fractional ones near 1
-# (fractional orders below 1.5 fail to converge in dp-accounting for large q).
+# RDP orders: a dense grid of integer orders (dp-accounting's fractional-order
+# series fails to converge near 1 for large q and logs warnings).
 _RDP_ORDERS = tuple(
-    [1.5, 1.75]
-    + list(range(2, 64))
+    list(range(2, 64))
     + [80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024]
 )
 
@@ -139,14 +138,25 @@ def calibrate_noise(target_epsilon, delta, sampling_rate, steps, accountant="rdp
     if steps < 1:
         raise ValueError("calibrate_noise needs steps >= 1.")
     tol = 1e-4
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: _make_accountant(accountant),
-        lambda s: dp_sgd_event(sampling_rate, s, steps),
-        target_epsilon,
-        delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, 1e3),
-        tol=tol,
-    )
+
+    def calibrate(acct, low, high):
+        return dp_accounting.calibrate_dp_mechanism(
+            lambda: _make_accountant(acct),
+            lambda s: dp_sgd_event(sampling_rate, s, steps),
+            target_epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(low, high),
+            tol=tol,
+        )
+
+    sigma = calibrate("rdp", 1e-3, 1e3)
+    if accountant == "pld":
+        # PLD is tighter than RDP, so its sigma lies below RDP's. Searching a
+        # narrow bracket avoids PLD's huge discretization at tiny sigma.
+        try:
+            sigma = calibrate("pld", 0.5 * float(sigma), float(sigma))
+        except Exception:  # no root in the bracket: RDP's sigma is valid
+            pass
     sigma = float(sigma)
     while epsilon(sampling_rate, sigma, steps, delta, accountant) > target_epsilon:
         sigma += tol

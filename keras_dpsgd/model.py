@@ -13,6 +13,7 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+from keras.src.models.functional import Functional
 
 from keras_dpsgd import accounting
 from keras_dpsgd import backend as dp_backend
@@ -53,12 +54,40 @@ class DPModel(keras.Model):
         (2.99..., 1e-05)
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Keras turns a Model subclass used functionally into a Functional
+        # subclass by rewriting the class's __bases__ in place, which would
+        # break every later subclassed use of DPModel. Route the functional
+        # form to a dedicated class instead.
+        if cls is DPModel and _functional_init_arguments(args, kwargs):
+            return super().__new__(_FunctionalDPModel)
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        if _functional_init_arguments(args, kwargs):
+            raise TypeError(
+                f"{type(self).__name__} is a subclass of DPModel; build it by subclassing "
+                "(layers in __init__, a call() method), or build a functional keras.Model "
+                "and wrap it with keras_dpsgd.make_private(model).")
+        super().__init__(*args, **kwargs)
+
     def compile(self, optimizer="rmsprop", *args, steps_per_execution=1, **kwargs):
         if steps_per_execution != 1:
             raise ValueError("DPModel runs one physical batch per step; steps_per_execution must be 1.")
         if not isinstance(optimizer, DPOptimizer):
             optimizer = DPOptimizer(keras.optimizers.get(optimizer))
         super().compile(optimizer, *args, **kwargs)
+
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        # Keras skips compile() for models that override it; ours only wraps the
+        # optimizer (already a DPOptimizer in a saved config), so compile here.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def train_step(self, *args):
         return dp_backend.impl.train_step(self, *args)
@@ -284,6 +313,21 @@ class DPModel(keras.Model):
         return eps, delta
 
 
+def _functional_init_arguments(args, kwargs):
+    return (len(args) == 2 or (len(args) == 1 and "outputs" in kwargs)
+            or ("inputs" in kwargs and "outputs" in kwargs))
+
+
+@keras.saving.register_keras_serializable(package="keras_dpsgd")
+class _FunctionalDPModel(DPModel, Functional):
+    """`DPModel(inputs, outputs)`: a functional model with DP fit."""
+
+    __init__ = Functional.__init__
+
+    def __new__(cls, *args, **kwargs):
+        return keras.Model.__new__(cls)
+
+
 @keras.saving.register_keras_serializable(package="keras_dpsgd")
 class _PrivateModel(DPModel):
     """A DPModel around an existing model: same layers, same weights."""
@@ -296,8 +340,7 @@ class _PrivateModel(DPModel):
         return self.model(inputs, training=training)
 
     def build(self, input_shape):
-        if not self.model.built:
-            self.model.build(input_shape)
+        # The wrapped model builds itself on its first (symbolic) call.
         self.built = True
 
     def get_config(self):

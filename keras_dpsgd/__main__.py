@@ -1,0 +1,3 @@
+from keras_dpsgd.privacy import main
+
+raise SystemExit(main())
