@@ -34,25 +34,37 @@ def clip_factors(sq_norms, mask, l2_norm_clip):
     return factors, keep
 
 
-def weighted_sum(per_example_grads, factors, keep):
-    """sum_i where(keep_i, c_i * g_i, 0) for every weight, float32."""
+def weighted_sum(per_example_grads, factors, keep, num_shards=None):
+    """sum_i where(keep_i, c_i * g_i, 0) for every weight, float32.
+
+    With `num_shards=D`, the batch axis is split into D contiguous groups and
+    each group is summed on its own, giving partial sums of shape (D, ...):
+    under data parallelism each device sums only its own rows, so
+    accumulating needs no cross-device communication (DESIGN.md section 4).
+    """
     out = []
     for g in per_example_grads:
         g = ops.cast(g, "float32")
         shape = (-1,) + (1,) * (len(g.shape) - 1)
         k = ops.reshape(keep, shape)
         c = ops.reshape(factors, shape)
-        out.append(ops.sum(ops.where(k, g * c, ops.zeros_like(g)), axis=0))
+        kept = ops.where(k, g * c, ops.zeros_like(g))
+        if num_shards is None:
+            out.append(ops.sum(kept, axis=0))
+        else:
+            grouped = ops.reshape(kept, (num_shards, -1) + tuple(g.shape[1:]))
+            out.append(ops.sum(grouped, axis=1))
     return out
 
 
-def clip_and_sum(per_example_grads, mask, l2_norm_clip):
+def clip_and_sum(per_example_grads, mask, l2_norm_clip, num_shards=None):
     """Clip every example's gradient to `l2_norm_clip`, mask, and sum.
 
     Args:
         per_example_grads: list of tensors, each (B, *weight_shape).
         mask: bool (B,), True for real rows.
         l2_norm_clip: C > 0 (scalar tensor or float).
+        num_shards: None, or D to return per-shard partial sums (D, ...).
 
     Returns:
         (sums, keep, num_nonfinite): float32 sums shaped like the weights; the
@@ -62,4 +74,5 @@ def clip_and_sum(per_example_grads, mask, l2_norm_clip):
     sq = per_example_sq_norms(per_example_grads)
     factors, keep = clip_factors(sq, mask, l2_norm_clip)
     nonfinite = ops.logical_and(ops.cast(mask, "bool"), ops.logical_not(keep))
-    return weighted_sum(per_example_grads, factors, keep), keep, ops.sum(ops.cast(nonfinite, "int32"))
+    sums = weighted_sum(per_example_grads, factors, keep, num_shards)
+    return sums, keep, ops.sum(ops.cast(nonfinite, "int32"))

@@ -151,6 +151,10 @@ class DPModel(keras.Model):
             physical_batch_size = min(int(math.ceil(batch_size)), 128)
             physical_batch_size = int(8 * math.ceil(physical_batch_size / 8))
         physical_batch_size = int(physical_batch_size)
+        shards = dp_backend.num_data_shards()
+        if physical_batch_size % shards:
+            # Each device gets the same number of rows; the extra rows are padding (masked).
+            physical_batch_size += shards - physical_batch_size % shards
         if steps_per_epoch is None:
             steps_per_epoch = max(1, int(round(1.0 / q)))
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
@@ -166,25 +170,20 @@ class DPModel(keras.Model):
         opt = self.optimizer
         if not opt.built:
             opt.build(self.trainable_variables)
+        if opt.num_shards != shards:
+            raise ValueError(
+                f"The DP optimizer was built for {opt.num_shards} data-parallel shard(s), but the "
+                f"current keras.distribution has {shards}. Set the distribution before building "
+                "and compiling the model.")
 
         sigma = self._configure_privacy(opt, q=q, batch_size=float(batch_size), clip=float(l2_norm_clip),
                                         noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                                         delta=delta, planned_steps=planned_steps, seed=seed,
                                         accountant=accountant)
-        cfg = opt.config_values()
-        steps_taken = cfg["logical_steps"]
         budget = None
         if target_epsilon is not None:
             budget = accounting.max_steps(float(target_epsilon), delta, q, sigma, accountant)
-            if steps_taken >= budget and planned_steps > 0:
-                raise PrivacyBudgetExceededError(
-                    f"The privacy budget is spent: {steps_taken} logical steps already give "
-                    f"epsilon = {self.privacy_spent(accountant=accountant)[0]:.4g} (delta = {delta:.3g}), and "
-                    f"one more would exceed target_epsilon = {target_epsilon}. Stop training, or "
-                    "start a new model with a larger budget.")
         self._dp_last_accountant = accountant
-        sampler = sampling.PoissonSampler(n, q, cfg["sampler_seed_words"])
-
         if validation_data is not None:
             val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(validation_data)
 
@@ -198,6 +197,24 @@ class DPModel(keras.Model):
         training_logs = {}
         training_finished = False
         callbacks.on_train_begin()
+        # Read the DP state only now: a callback (BackupAndRestore) may have
+        # restored the step counter and seeds in on_train_begin (I7).
+        cfg = opt.config_values()
+        steps_taken = cfg["logical_steps"]
+        if not math.isclose(cfg["sampling_rate"], q, rel_tol=1e-6) or not math.isclose(
+                cfg["noise_multiplier"], sigma, rel_tol=1e-6):
+            raise ValueError(
+                f"The restored DP state (q = {cfg['sampling_rate']:.6g}, sigma = "
+                f"{cfg['noise_multiplier']:.6g}) differs from this fit's (q = {q:.6g}, "
+                f"sigma = {sigma:.6g}); resume with the arguments of the interrupted run.")
+        if budget is not None and steps_taken >= budget and planned_steps > 0:
+            raise PrivacyBudgetExceededError(
+                f"The privacy budget is spent: {steps_taken} logical steps already give "
+                f"epsilon = {accounting.epsilon(q, sigma, steps_taken, delta, accountant):.4g} "
+                f"(delta = {delta:.3g}), and one more would exceed target_epsilon = "
+                f"{target_epsilon}. Stop training, or start a new model with a larger budget.")
+        sampler = sampling.PoissonSampler(n, q, cfg["sampler_seed_words"])
+        initial_epoch = self._initial_epoch or initial_epoch
         try:
             for epoch in range(initial_epoch, epochs):
                 self.reset_metrics()
@@ -287,8 +304,9 @@ class DPModel(keras.Model):
                 warnings.warn(
                     "noise_multiplier=0: NO PRIVACY. Gradients are clipped but no noise is "
                     "added, so epsilon is infinite. Use this only for debugging.", stacklevel=3)
-        sampler_words = sampling.new_seed_words(seed)
-        noise_words = sampling.new_seed_words(None if seed is None else [int(seed), 1])[:2]
+        sampler_words = dp_backend.agree_on_seed(sampling.new_seed_words(seed))
+        noise_words = dp_backend.agree_on_seed(
+            sampling.new_seed_words(None if seed is None else [int(seed), 1])[:2])
         opt.configure(l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=batch_size,
                       sampling_rate=q, target_delta=delta, target_epsilon=target_epsilon,
                       sampler_seed_words=sampler_words, noise_seed_words=noise_words)
@@ -322,7 +340,12 @@ def _functional_init_arguments(args, kwargs):
 class _FunctionalDPModel(DPModel, Functional):
     """`DPModel(inputs, outputs)`: a functional model with DP fit."""
 
-    __init__ = Functional.__init__
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        # The class name would auto-name it "__functional_dp_model", which
+        # TensorFlow refuses as a root name scope (leading underscore).
+        if name is None:
+            name = keras.src.utils.naming.auto_name("functional_dp_model")
+        Functional.__init__(self, inputs, outputs, name=name, **kwargs)
 
     def __new__(cls, *args, **kwargs):
         return keras.Model.__new__(cls)

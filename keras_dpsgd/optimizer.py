@@ -61,11 +61,16 @@ class DPOptimizer(keras.optimizers.Optimizer):
 
     @keras.src.utils.tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        self._accumulators = [
-            self.add_variable(shape=v.shape, dtype="float32", initializer="zeros",
-                              aggregation="none", name=f"dp_accumulator_{i}")
-            for i, v in enumerate(var_list)
-        ]
+        # Accumulators carry a leading axis of one partial sum per data shard
+        # (device), sharded over the data axis: accumulating is local to each
+        # device and gradients cross devices once per logical step, in apply.
+        self.num_shards = dp_backend.num_data_shards()
+        self._accumulators = []
+        for i, v in enumerate(var_list):
+            acc = self.add_variable(shape=(self.num_shards,) + tuple(v.shape), dtype="float32",
+                                    initializer="zeros", aggregation="none", name=f"dp_accumulator_{i}")
+            dp_backend.shard_leading_axis(acc)
+            self._accumulators.append(acc)
         for name in _CONFIG_VARIABLES:
             setattr(self, name, self.add_variable(
                 shape=(), dtype="float32", initializer="zeros", aggregation="none", name=name))
@@ -76,7 +81,38 @@ class DPOptimizer(keras.optimizers.Optimizer):
             shape=(4,), dtype="int32", initializer="zeros", aggregation="none", name="sampler_seed")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        deferred = getattr(self, "_deferred_state", None)
+        if deferred is not None:
+            self._deferred_state = None
+            self.load_own_variables(deferred)
 
+    def load_own_variables(self, store):
+        """Restores the DP state; never drops it silently (I7).
+
+        Keras skips (with a warning) optimizer state whose variable count does
+        not match, e.g. when weights are loaded before the optimizer is built:
+        that would restart the step counter and the accounting at zero. An
+        unbuilt DPOptimizer keeps the state and restores it when built.
+        Accumulators are zero at every logical-step boundary (where saves
+        happen), so they may be restored onto a different number of devices.
+        """
+        if not self.built:
+            self._deferred_state = {k: np.array(store[k]) for k in store.keys()}
+            return
+        if len(store.keys()) != len(self.variables):
+            raise ValueError(
+                f"Cannot restore the DP optimizer: the checkpoint has {len(store.keys())} "
+                f"optimizer variables, this optimizer has {len(self.variables)}. The model or "
+                "the inner optimizer differs from the one saved.")
+        accs = {id(a) for a in self._accumulators}
+        for i, variable in enumerate(self.variables):
+            value = np.asarray(store[str(i)])
+            if id(variable) in accs and tuple(value.shape) != tuple(variable.shape):
+                if np.any(value):
+                    raise ValueError("Cannot restore a partially accumulated logical step "
+                                     "onto a different number of devices.")
+                value = np.zeros(variable.shape, "float32")
+            variable.assign(value)
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
@@ -136,14 +172,33 @@ class DPOptimizer(keras.optimizers.Optimizer):
         return out
 
     # --- the DP pieces (I5, I6), written once in keras.ops ---------------------
+    def _partial(self, g, acc):
+        """A clipped sum as per-shard partial sums (D, ...) like `acc`."""
+        g = ops.cast(g, "float32")
+        if len(g.shape) == len(acc.shape) - 1:
+            g = ops.expand_dims(g, 0) if self.num_shards == 1 else None
+        if g is None:
+            raise ValueError("Sums passed to a sharded DPOptimizer need a leading shard axis.")
+        return g
+
     def _noisy_average(self, grads):
         step = self.iterations
         std = ops.cast(self.noise_multiplier * self.l2_norm_clip, "float32")
+        # One cross-device reduction per logical step, for all weights at once:
+        # flatten, concatenate, sum the shard axis, split back.
+        flat = [ops.reshape(acc + self._partial(g, acc), (self.num_shards, -1))
+                for acc, g in zip(self._accumulators, grads)]
+        total = ops.sum(ops.concatenate(flat, axis=1), axis=0)
         out = []
-        for index, (acc, g) in enumerate(zip(self._accumulators, grads)):
-            total = acc + ops.cast(g, "float32")
-            noise = dp_backend.gaussian_noise(self.noise_seed, step, index, acc.shape)
-            out.append((total + std * noise) / self.expected_batch_size)  # I6
+        offset = 0
+        for index, acc in enumerate(self._accumulators):
+            shape = tuple(acc.shape[1:])
+            size = int(np.prod(shape, dtype=np.int64))
+            summed = ops.reshape(total[offset:offset + size], shape)
+            offset += size
+            # I5: noise once, after the reduction, from the replicated seed state.
+            noise = dp_backend.gaussian_noise(self.noise_seed, step, index, shape)
+            out.append((summed + std * noise) / self.expected_batch_size)  # I6
         return out
 
     def _cast_like_variables(self, grads, trainable_variables):
@@ -153,14 +208,14 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def accumulate(self, grads):
         """Adds one physical batch's clipped sum; no noise, no update."""
         for acc, g in zip(self._accumulators, grads):
-            acc.assign(acc + ops.cast(g, "float32"))
+            acc.assign(acc + self._partial(g, acc))
 
     def apply(self, grads, trainable_variables=None):
         """Last physical batch of a logical step: noise once, ÷ qN, update."""
         tvs = trainable_variables or self._trainable_variables
         noisy = self._noisy_average(grads)
         for acc in self._accumulators:
-            acc.assign(ops.zeros(acc.shape, "float32"))
+            acc.assign(ops.zeros_like(acc.value))
         self.inner_optimizer.apply(self._cast_like_variables(noisy, tvs), tvs)
 
     # --- stateless path (JAX) ---------------------------------------------------
@@ -179,7 +234,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         with keras.StatelessScope(state_mapping=self._own_mapping(optimizer_variables)) as scope:
             noisy = self._noisy_average(grads)
             for acc in self._accumulators:
-                acc.assign(ops.zeros(acc.shape, "float32"))
+                acc.assign(ops.zeros_like(acc.value))
         own = [_current(scope, v, val) for v, val in zip(self._variables, optimizer_variables[:n_own])]
         new_tv, new_inner = self.inner_optimizer.stateless_apply(
             list(optimizer_variables[n_own:]),

@@ -17,3 +17,7 @@ else:  # pragma: no cover
     )
 
 gaussian_noise = impl.gaussian_noise
+# Data parallelism (JAX only for now); one shard and no-ops elsewhere.
+num_data_shards = getattr(impl, "num_data_shards", lambda: 1)
+shard_leading_axis = getattr(impl, "shard_leading_axis", lambda variable: None)
+agree_on_seed = getattr(impl, "agree_on_seed", lambda words: words)

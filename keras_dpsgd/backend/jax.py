@@ -9,6 +9,7 @@ step compiles once whatever the Poisson batch size (DESIGN.md section 3).
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 from keras import tree
 
 from keras_dpsgd import clipping
@@ -22,6 +23,52 @@ def gaussian_noise(seed_words, step, index, shape):
     """Standard normal float32 noise for (seed, logical step, variable index)."""
     key = jax.random.fold_in(jax.random.fold_in(_key(seed_words), step), index)
     return jax.random.normal(key, shape, dtype=jnp.float32)
+
+
+def _data_parallel():
+    """(distribution, mesh axis size) of a keras.distribution batch axis, or (None, 1)."""
+    dist = keras.distribution.distribution()
+    if dist is None or getattr(dist, "batch_dim_name", None) is None:
+        return None, 1
+    mesh = dist.device_mesh
+    return dist, int(mesh.shape[mesh.axis_names.index(dist.batch_dim_name)])
+
+
+def num_data_shards():
+    """Number of data-parallel shards (devices along the batch axis)."""
+    return _data_parallel()[1]
+
+
+def _shard_spec(dist, ndim):
+    from keras.src.distribution.distribution_lib import TensorLayout
+
+    return TensorLayout([dist.batch_dim_name] + [None] * (ndim - 1), dist.device_mesh)
+
+
+def shard_leading_axis(variable):
+    """Shards a (D, ...) accumulator over the data axis: one partial sum per device."""
+    dist, shards = _data_parallel()
+    if dist is None or shards == 1:
+        return
+    variable._layout = _shard_spec(dist, len(variable.shape))
+    variable.assign(variable.value)
+
+
+def _constrain_to_shards(partials):
+    dist, shards = _data_parallel()
+    if dist is None or shards == 1:
+        return partials
+    return [jax.lax.with_sharding_constraint(p, _shard_spec(dist, p.ndim).backend_layout)
+            for p in partials]
+
+
+def agree_on_seed(words):
+    """Every process samples the same batches: process 0's seed wins."""
+    if jax.process_count() == 1:
+        return words
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(words)))
 
 
 def _seed_state_positions(model):
@@ -81,7 +128,9 @@ def train_step(model, state, data):
 
     losses, y_pred, grads, non_trainable = per_example_grads(
         model, trainable, non_trainable, metrics_vars, optimizer_vars, x, y, sample_weight)
-    sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip)
+    # Per-device partial sums (D, ...): no cross-device traffic until apply.
+    sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
+    sums = _constrain_to_shards(sums)
 
     def apply(tv, ov):
         return opt.stateless_apply(ov, sums, tv)
@@ -131,6 +180,7 @@ class Runner:
 
     def run(self, data):
         m = self.model
+        data = self._distribute(data)
         if m._jax_state_synced:
             self.state = m._get_jax_state(
                 trainable_variables=True, non_trainable_variables=True,
@@ -142,6 +192,20 @@ class Runner:
         m._jax_state = {"trainable_variables": tv, "non_trainable_variables": ntv,
                         "optimizer_variables": ov, "metrics_variables": mv}
         return logs
+
+    def _distribute(self, data):
+        dist, _ = _data_parallel()
+        if dist is None:
+            return data
+        from keras.src.backend.jax.trainer import _distribute_data
+
+        if jax.process_count() > 1:
+            # Every process draws the same global physical batch (same seed);
+            # each feeds its own contiguous slice of rows.
+            n, k = jax.process_count(), jax.process_index()
+            data = jax.tree_util.tree_map(
+                lambda a: a[k * (len(a) // n):(k + 1) * (len(a) // n)], data)
+        return _distribute_data(data)
 
     def sync(self):
         self.model.jax_state_sync()

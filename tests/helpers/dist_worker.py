@@ -1,0 +1,122 @@
+"""Runs a small DP fit on D forced CPU devices and prints JSON results.
+
+Usage: python -m tests.helpers.dist_worker DEVICES SIGMA [--hlo]
+(XLA_FLAGS must force the host device count before JAX starts; the test
+sets it in the environment of this subprocess.)
+"""
+
+import json
+import re
+import sys
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_dpsgd  # noqa: E402
+
+
+def build(devices):
+    if devices > 1:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:devices]))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="tanh")(inputs)
+    model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(3)(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def hlo_collectives(model, x, y):
+    """All-reduces in the compiled step, split by the cond branch they sit in."""
+    from keras_dpsgd.backend.jax import Runner
+
+    runner = Runner(model)
+    p = 8
+    data = (x[:p], y[:p], None, np.ones(p, bool), np.ones(p, bool))
+    data = runner._distribute(data)
+    state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                 optimizer_variables=True, metrics_variables=True)
+    text = jax.jit(model.train_step).lower(state, data).compile().as_text()
+    # Split the module into computations: "name (args) -> type {" ... "}".
+    comps, name, body = {}, None, []
+    for line in text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m and not line.startswith(" "):
+            name, body = m.group(1), []
+        elif line.startswith("}") and name:
+            comps[name] = body
+            name = None
+        elif name:
+            body.append(line)
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+
+    def calls(comp, seen):
+        out = [comp]
+        for line in comps.get(comp, []):
+            for callee in re.findall(r"(?:to_apply|calls|body|condition|true_computation|false_computation|branch_computations)=\{?%?([\w.\-]+)", line):
+                if callee not in seen:
+                    seen.add(callee)
+                    out += calls(callee, seen)
+            m = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if m:
+                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
+                    if callee not in seen:
+                        seen.add(callee)
+                        out += calls(callee, seen)
+        return out
+
+    def big_allreduces(comp_names):
+        n = 0
+        for c in comp_names:
+            for line in comps.get(c, []):
+                if "all-reduce(" in line or "all-reduce-start(" in line:
+                    shapes = re.findall(r"f32\[([\d,]*)\]", line.split("=")[1].split("all-reduce")[0])
+                    if any(s and int(np.prod([int(d) for d in s.split(",")])) >= total for s in shapes):
+                        n += 1
+        return n
+
+    branches = []
+    for c, lines in comps.items():
+        for line in lines:
+            m = re.search(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", line)
+            if m:
+                branches.append((m.group(1), m.group(2)))
+            m = re.search(r"branch_computations=\{%?([\w.\-]+), %?([\w.\-]+)\}", line)
+            if m:
+                # lax.cond(pred, true, false) lowers to branch 0 = false, 1 = true.
+                branches.append((m.group(2), m.group(1)))
+    all_comps = list(comps)
+    return {
+        "total_params": total,
+        "big_allreduces_module": big_allreduces(all_comps),
+        "branches": [[big_allreduces(calls(t, set())), big_allreduces(calls(f, set()))] for t, f in branches],
+    }
+
+
+def main():
+    devices, sigma = int(sys.argv[1]), float(sys.argv[2])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 8)).astype("float32")
+    y = rng.integers(0, 3, size=(240,)).astype("int32")
+    model = build(devices)
+    model.fit(x, y, batch_size=24, epochs=2, steps_per_epoch=5, l2_norm_clip=1.0,
+              noise_multiplier=sigma, physical_batch_size=8, seed=3, verbose=0)
+    out = {"devices": len(jax.devices()), "shards": model.optimizer.num_shards,
+           "weights": [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in model.trainable_variables],
+           "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+           "epsilon": model.privacy_spent()[0],
+           "acc_sharding": str(model.optimizer._accumulators[0].value.sharding)}
+    if "--hlo" in sys.argv:
+        out["hlo"] = hlo_collectives(model, x, y)
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
