@@ -54,3 +54,39 @@ def test_gradients_cross_devices_once_per_logical_step():
     assert hlo["big_allreduces_module"] == 1
     # ...and it sits in the apply branch of the cond; accumulating has none.
     assert hlo["branches"] == [[1, 0]]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(seed=None):
+    port = free_port()
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    args = [str(seed)] if seed is not None else []
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.multiprocess_worker", str(i), "2", str(port)] + args,
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+        out = json.loads(line[len("RESULT "):])
+        out["flat"] = np.concatenate([np.ravel(np.asarray(w)) for w in out["weights"]])
+        outs.append(out)
+    return outs
+
+
+def test_two_processes_on_localhost_agree_with_each_other_and_with_one_process(single):
+    a, b = run_two_processes()  # seeds from OS entropy: must be agreed across processes
+    assert a["devices"] == b["devices"] == 2
+    assert a["seed"] == b["seed"] and a["steps"] == b["steps"] == 10
+    np.testing.assert_array_equal(a["flat"], b["flat"])
+    c, d = run_two_processes(seed=3)  # the seed of the single-device reference
+    np.testing.assert_allclose(c["flat"], single[1.0]["flat"], rtol=1e-5, atol=1e-6)
