@@ -287,3 +287,20 @@ def test_dropout_masks_differ_between_examples():
     g = np.asarray(grads[0])[:, :, 0]  # per-example kernel gradient = dropout mask * 2
     assert set(np.unique(g)) <= {0.0, 2.0}
     assert len({tuple(r) for r in g}) == 4
+
+
+def test_weights_loaded_before_the_optimizer_is_built_keep_the_accounting(tmp_path):
+    # Keras would skip the optimizer state (count mismatch) and restart the step
+    # counter at zero: accounting would forget the steps already taken.
+    x, y = linear_data(200)
+    kw = dict(batch_size=20, l2_norm_clip=1.0, noise_multiplier=1.0, verbose=0)
+    a = compile_sgd(small_model())
+    a.fit(x, y, epochs=1, seed=2, **kw)
+    path = str(tmp_path / "a.weights.h5")
+    a.save_weights(path)
+    b = compile_sgd(small_model())
+    assert not b.optimizer.built
+    b.load_weights(path)
+    b.fit(x, y, epochs=1, **kw)
+    assert int(ops.convert_to_numpy(b.optimizer.iterations)) == 20
+    assert b.privacy_spent()[0] == pytest.approx(accounting.epsilon(0.1, 1.0, 20, 1 / 2000), rel=1e-6)
