@@ -73,6 +73,48 @@ class PoissonSampler:
         return np.sort(idx.astype(np.int64))
 
 
+class SecurePoissonSampler:
+    """Poisson sampling from the operating system's CSPRNG (`secure_mode=True`).
+
+    Inclusion is drawn by geometric skipping: the gaps between included
+    indices are i.i.d. Geometric(q), which is exactly independent
+    Bernoulli(q) per example, in O(expected batch size), with uniforms from
+    `os.urandom`. Nothing is derived from a stored seed, so no saved state can
+    recompute which examples were in a batch; the price is that a run is not
+    reproducible.
+    """
+
+    def __init__(self, num_examples, sampling_rate):
+        validation.check_sampling(num_examples, sampling_rate)
+        self.num_examples = int(num_examples)
+        self.sampling_rate = float(sampling_rate)
+
+    def _uniforms(self, count):
+        # 53 random bits per double in (0, 1].
+        bits = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64) >> np.uint64(11)
+        return (bits.astype(np.float64) + 1.0) / float(1 << 53)
+
+    def sample(self, step=None):
+        """Sorted indices of one logical step; `step` is ignored."""
+        n, q = self.num_examples, self.sampling_rate
+        if q >= 1.0:
+            return np.arange(n, dtype=np.int64)
+        log1mq = np.log1p(-q)
+        out = []
+        pos = -1
+        while True:
+            # Enough gaps for the rest of the set with high probability.
+            expect = int((n - pos) * q + 6 * np.sqrt((n - pos) * q + 1) + 8)
+            gaps = np.floor(np.log(self._uniforms(expect)) / log1mq).astype(np.int64) + 1
+            idx = pos + np.cumsum(gaps)
+            inside = idx[idx < n]
+            out.append(inside)
+            if len(inside) < len(idx):
+                break
+            pos = int(idx[-1])
+        return np.concatenate(out).astype(np.int64)
+
+
 def physical_batches(indices, physical_batch_size):
     """Split one logical batch into fixed-size (index, mask, is_last) triples.
 
@@ -104,11 +146,18 @@ class RandomAccessData:
         for name, value in (("x", x), ("y", y), ("sample_weight", sample_weight)):
             validation.check_random_access(value, name)
         self.structure = (x, y, sample_weight)
-        leaves = [leaf for leaf in _leaves(self.structure)]
+        leaves = [*_leaves(x, "x"), *_leaves(y, "y"), *_leaves(sample_weight, "sample_weight")]
         if not leaves:
             raise ValueError("fit() needs training data: x is None.")
         lengths = {}
         for path, leaf in leaves:
+            dtype = getattr(leaf, "dtype", None)
+            if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+                raise ValueError(
+                    f"{path} has dtype {dtype}; training data must be numeric (bool, int or float). "
+                    "Encode strings or objects first (e.g. with a keras.layers.StringLookup outside the model).")
+            if not hasattr(leaf, "__len__"):
+                raise ValueError(f"{path} is a {type(leaf).__name__}, not an array with one row per example.")
             lengths[path] = len(leaf)
         if len(set(lengths.values())) != 1:
             detail = ", ".join(f"{k}: {v}" for k, v in lengths.items())

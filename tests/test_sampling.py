@@ -107,3 +107,24 @@ def test_mismatched_lengths_are_refused():
 def test_generators_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="Poisson"):
         sampling.RandomAccessData((x for x in range(3)))
+
+
+def test_secure_sampler_is_poisson_too():
+    n, q = 500, 0.05
+    s = sampling.SecurePoissonSampler(n, q)
+    draws = [s.sample() for _ in range(2000)]
+    sizes = np.array([len(d) for d in draws])
+    assert all(np.all(np.diff(d) > 0) and (len(d) == 0 or (d[0] >= 0 and d[-1] < n)) for d in draws)
+    ks = np.arange(0, 60)
+    expected = stats.binom.pmf(ks, n, q) * len(sizes)
+    observed = np.bincount(sizes, minlength=60)[:60]
+    keep = expected >= 5
+    obs = np.append(observed[keep], len(sizes) - observed[keep].sum())
+    exp = np.append(expected[keep], len(sizes) - expected[keep].sum())
+    assert stats.chisquare(obs, exp).pvalue > 1e-4  # not seeded: looser threshold
+    counts = np.zeros(n)
+    for d in draws:
+        counts[d] += 1
+    # Every example with probability q: per-example counts ~ Binomial(2000, q).
+    z = (counts - 2000 * q) / np.sqrt(2000 * q * (1 - q))
+    assert abs(np.mean(z**2) - 1.0) < 0.35 and abs(np.mean(z)) < 0.3
