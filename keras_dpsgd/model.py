@@ -20,6 +20,7 @@ from keras_dpsgd import backend as dp_backend
 from keras_dpsgd import sampling
 from keras_dpsgd import validation
 from keras_dpsgd.optimizer import DPOptimizer
+from keras_dpsgd.optimizer import display_float
 
 
 class PrivacyBudgetExceededError(RuntimeError):
@@ -77,6 +78,28 @@ class DPModel(keras.Model):
         if not isinstance(optimizer, DPOptimizer):
             optimizer = DPOptimizer(keras.optimizers.get(optimizer))
         super().compile(optimizer, *args, **kwargs)
+        # Real rows whose gradient was NaN/Inf: they contribute zero (like
+        # padding) and are counted here, shown as "nonfinite" in the logs.
+        # Like Keras' own loss tracker: not a tracked attribute (the model may be
+        # built already), listed explicitly in `metrics`.
+        object.__setattr__(self, "_nonfinite_tracker", keras.metrics.Sum(name="nonfinite"))
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        tracker = getattr(self, "_nonfinite_tracker", None)
+        # Not in evaluate(): it keeps Keras' return values.
+        if (self.compiled and tracker is not None and not getattr(self, "_dp_evaluating", False)
+                and all(m is not tracker for m in metrics)):
+            metrics = metrics + [tracker]
+        return metrics
+
+    def evaluate(self, *args, **kwargs):
+        object.__setattr__(self, "_dp_evaluating", True)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "_dp_evaluating", False)
 
     def get_compile_config(self):
         return super().get_compile_config()
@@ -99,7 +122,7 @@ class DPModel(keras.Model):
             validation_batch_size=None, validation_freq=1, *,
             l2_norm_clip=None, noise_multiplier=None, target_epsilon=None,
             target_delta=None, physical_batch_size=None, seed=None,
-            accountant="rdp", **kwargs):
+            accountant="rdp", clipping="auto", secure_mode=False, **kwargs):
         """Trains with DP-SGD. Returns a `keras.callbacks.History`.
 
         Args:
@@ -129,6 +152,18 @@ class DPModel(keras.Model):
                 not for production). Default None: OS entropy. Only the first
                 fit of a model sets it; later fits continue the same streams.
             accountant: "rdp" (default) or "pld".
+            secure_mode: draw every logical batch and every noise key from the
+                operating system's CSPRNG (`os.urandom`) instead of seeded
+                counter-based streams: nothing saved can recompute the batches
+                or the noise; runs are not reproducible and `seed` is refused.
+                Default False (OS-entropy seeds, reproducible given the
+                checkpoint).
+            clipping: how per-example gradients are clipped (same result,
+                different cost): "vectorized" (per-example gradients by
+                vmap), "ghost" (JAX only: ghost norms and book-keeping,
+                keras_dpsgd.ghost) or "auto" (default: ghost on JAX when the
+                model's weights are covered by ghost rules, else vectorized;
+                the choice is logged once).
             callbacks, verbose, validation_data, validation_steps,
             validation_batch_size, validation_freq, initial_epoch: as in Keras.
         """
@@ -141,7 +176,14 @@ class DPModel(keras.Model):
             raise ValueError("DPModel needs a DPOptimizer; compile() wraps yours, so call compile() again.")
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}.")
+        if clipping not in ("auto", "vectorized", "ghost"):
+            raise ValueError(f"clipping must be 'auto', 'vectorized' or 'ghost', got {clipping!r}.")
+        if clipping == "ghost" and keras.backend.backend() != "jax":
+            raise ValueError("clipping='ghost' needs the JAX backend; use 'auto' or 'vectorized'.")
 
+        if secure_mode and seed is not None:
+            raise ValueError("secure_mode=True draws all randomness from the OS CSPRNG and refuses "
+                             "a user seed; pass seed=None, or secure_mode=False for reproducible runs.")
         data = sampling.RandomAccessData(x, y, sample_weight)
         n = data.num_examples
         validation.check_dp_params(l2_norm_clip, noise_multiplier, target_epsilon, target_delta,
@@ -165,7 +207,8 @@ class DPModel(keras.Model):
 
         # Build model, metrics and optimizer from one batch's shapes, without
         # drawing a sample (the sampler stream must not move).
-        self._symbolic_build(data_batch=data.take(np.zeros((physical_batch_size,), np.int64)))
+        sample_batch = data.take(np.zeros((physical_batch_size,), np.int64))
+        self._symbolic_build(data_batch=sample_batch)
         validation.check_layers(self)
         opt = self.optimizer
         if not opt.built:
@@ -175,14 +218,28 @@ class DPModel(keras.Model):
                 f"The DP optimizer was built for {opt.num_shards} data-parallel shard(s), but the "
                 f"current keras.distribution has {shards}. Set the distribution before building "
                 "and compiling the model.")
+        if keras.backend.backend() == "jax":
+            from keras_dpsgd import ghost
+
+            ghost.select_clipping(self, clipping, sample_batch)
 
         sigma = self._configure_privacy(opt, q=q, batch_size=float(batch_size), clip=float(l2_norm_clip),
                                         noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                                         delta=delta, planned_steps=planned_steps, seed=seed,
                                         accountant=accountant)
+        # Account with the stored float32 values, which configure() rounded in
+        # the conservative direction (sigma and q up, delta and the target down).
+        stored = opt.config_values()
+        sigma, acct_q, acct_delta = stored["noise_multiplier"], stored["sampling_rate"], stored["target_delta"]
+        shown_delta = display_float(acct_delta)
+
+        def eps_after(steps, acct=accountant):
+            return accounting.epsilon(acct_q, sigma, steps, acct_delta, acct)
+
         budget = None
         if target_epsilon is not None:
-            budget = accounting.max_steps(float(target_epsilon), delta, q, sigma, accountant)
+            budget = accounting.max_steps(min(float(target_epsilon), stored["target_epsilon"]),
+                                          acct_delta, acct_q, sigma, accountant)
         self._dp_last_accountant = accountant
         if validation_data is not None:
             val_x, val_y, val_sw = keras.utils.unpack_x_y_sample_weight(validation_data)
@@ -210,11 +267,17 @@ class DPModel(keras.Model):
         if budget is not None and steps_taken >= budget and planned_steps > 0:
             raise PrivacyBudgetExceededError(
                 f"The privacy budget is spent: {steps_taken} logical steps already give "
-                f"epsilon = {accounting.epsilon(q, sigma, steps_taken, delta, accountant):.4g} "
-                f"(delta = {delta:.3g}), and one more would exceed target_epsilon = "
+                f"epsilon = {eps_after(steps_taken):.4g} "
+                f"(delta = {shown_delta:.3g}), and one more would exceed target_epsilon = "
                 f"{target_epsilon}. Stop training, or start a new model with a larger budget.")
-        sampler = sampling.PoissonSampler(n, q, cfg["sampler_seed_words"])
+        if secure_mode:
+            sampler = sampling.SecurePoissonSampler(n, q)
+        else:
+            sampler = sampling.PoissonSampler(n, q, cfg["sampler_seed_words"])
         initial_epoch = self._initial_epoch or initial_epoch
+        # I1: one fresh Poisson draw per logical step, drawn and prepared ahead.
+        feeder = sampling.BatchFeeder(sampler, data, physical_batch_size, steps_taken,
+                                      prepare=getattr(runner, "prepare", None))
         try:
             for epoch in range(initial_epoch, epochs):
                 self.reset_metrics()
@@ -225,27 +288,27 @@ class DPModel(keras.Model):
                         self.stop_training = True
                         warnings.warn(
                             f"Stopping DP training: {steps_taken} logical steps spend "
-                            f"epsilon = {accounting.epsilon(q, sigma, steps_taken, delta, accountant):.4g}, "
+                            f"epsilon = {eps_after(steps_taken):.4g}, "
                             f"and the next step would exceed target_epsilon = {target_epsilon} "
-                            f"(delta = {delta:.3g}).", stacklevel=2)
+                            f"(delta = {shown_delta:.3g}).", stacklevel=2)
                         break
                     callbacks.on_train_batch_begin(step)
-                    indices = sampler.sample(steps_taken)  # I1: fresh draw per logical step
-                    for idx, mask, is_last in sampling.physical_batches(indices, physical_batch_size):
-                        bx, by, bsw = data.take(idx)
-                        last = np.full(mask.shape, is_last)
-                        logs = runner.run((bx, by, bsw, mask, last))
+                    if secure_mode:  # a fresh noise key from the OS for this step
+                        assign = getattr(runner, "assign", lambda var, value: var.assign(value))
+                        assign(opt.noise_seed, sampling.new_seed_words(None)[:2].view(np.int32))
+                    for batch in feeder.logical_batch(steps_taken):
+                        logs = runner.run(batch)
                     steps_taken += 1
                     step_logs = dict(logs)
                     if accountant == "rdp":
-                        step_logs["epsilon"] = accounting.epsilon(q, sigma, steps_taken, delta)
+                        step_logs["epsilon"] = eps_after(steps_taken)
                     callbacks.on_train_batch_end(step, step_logs)
                     if self.stop_training:
                         break
                 runner.sync()
                 epoch_logs = dict(self._get_metrics_result_or_logs(logs))
-                epoch_logs["epsilon"] = accounting.epsilon(q, sigma, steps_taken, delta, accountant)
-                epoch_logs["delta"] = delta
+                epoch_logs["epsilon"] = eps_after(steps_taken)
+                epoch_logs["delta"] = shown_delta
                 if validation_data is not None and self._should_eval(epoch, validation_freq):
                     val_logs = self.evaluate(
                         x=val_x, y=val_y, sample_weight=val_sw,
@@ -258,6 +321,7 @@ class DPModel(keras.Model):
                     break
             training_finished = True
         finally:
+            feeder.close()
             runner.end()
             if planned_steps > 0:
                 opt.finalize_variable_values(self.trainable_weights)
@@ -324,11 +388,14 @@ class DPModel(keras.Model):
         if not isinstance(opt, DPOptimizer) or not opt.is_configured:
             return 0.0, delta
         cfg = opt.config_values()
-        delta = cfg["target_delta"] if delta is None else float(delta)
         accountant = accountant or getattr(self, "_dp_last_accountant", "rdp")
+        if delta is None:  # the stored delta is rounded down: epsilon is conservative
+            delta, shown = cfg["target_delta"], display_float(cfg["target_delta"])
+        else:
+            delta = shown = float(delta)
         eps = accounting.epsilon(cfg["sampling_rate"], cfg["noise_multiplier"], cfg["logical_steps"],
                                  delta, accountant)
-        return eps, delta
+        return eps, shown
 
 
 def _functional_init_arguments(args, kwargs):

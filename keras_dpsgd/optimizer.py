@@ -149,22 +149,23 @@ class DPOptimizer(keras.optimizers.Optimizer):
                   sampling_rate, target_delta, target_epsilon=None,
                   sampler_seed_words=None, noise_seed_words=None):
         """Sets the DP configuration (variables, so saved with the model)."""
+        # float32 storage, rounded in the direction that keeps the accounting
+        # conservative: sigma down would mean less noise than calibrated.
         self.l2_norm_clip.assign(float(l2_norm_clip))
-        self.noise_multiplier.assign(float(noise_multiplier))
+        self.noise_multiplier.assign(_f32(noise_multiplier, up=True))
         self.expected_batch_size.assign(float(expected_batch_size))
-        self.sampling_rate.assign(float(sampling_rate))
-        self.target_delta.assign(float(target_delta))
-        self.target_epsilon.assign(float(target_epsilon or 0.0))
+        self.sampling_rate.assign(_f32(sampling_rate, up=True))
+        self.target_delta.assign(_f32(target_delta, up=False))
+        self.target_epsilon.assign(_f32(target_epsilon or 0.0, up=False))
         if sampler_seed_words is not None:
             self.sampler_seed.assign(np.asarray(sampler_seed_words, np.uint32).view(np.int32))
         if noise_seed_words is not None:
             self.noise_seed.assign(np.asarray(noise_seed_words, np.uint32).view(np.int32))
 
     def config_values(self):
-        """The DP configuration as Python floats / numpy words."""
-        # float32 storage; the shortest decimal that rounds to it (1e-05, not
-        # 9.99999974e-06) is what the user passed.
-        out = {n: float(str(np.float32(ops.convert_to_numpy(getattr(self, n)))))
+        """The DP configuration: the exact stored float32 values (what the
+        accountant must use), numpy seed words and the logical step count."""
+        out = {n: float(np.float32(ops.convert_to_numpy(getattr(self, n))))
                for n in _CONFIG_VARIABLES}
         out["sampler_seed_words"] = np.asarray(
             ops.convert_to_numpy(self.sampler_seed), np.int32).view(np.uint32)
@@ -262,6 +263,21 @@ class DPOptimizer(keras.optimizers.Optimizer):
         config["inner_optimizer"] = keras.saving.deserialize_keras_object(
             config["inner_optimizer"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def _f32(value, up):
+    """`value` as the nearest float32 at or above (`up`) / below it."""
+    f = np.float32(value)
+    if up and float(f) < value:
+        f = np.nextafter(f, np.float32(np.inf))
+    elif not up and float(f) > value:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
+
+
+def display_float(value):
+    """The shortest decimal that rounds to the same float32 (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
 
 
 def _current(scope, variable, default):

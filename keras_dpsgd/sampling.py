@@ -13,7 +13,9 @@ taken, both model state, so a saved and resumed run continues the same stream
 """
 
 import math
+import queue
 import secrets
+import threading
 import numpy as np
 
 from keras_dpsgd import validation
@@ -131,6 +133,85 @@ def physical_batches(indices, physical_batch_size):
         mask = np.zeros((p,), dtype=bool)
         mask[: len(chunk)] = True
         yield idx, mask, k == n - 1
+
+
+class BatchFeeder:
+    """Draws logical batches and prepares their physical batches ahead of the
+    train step, on a background thread (gather rows, build mask and last flag,
+    place on the device), so the accelerator does not wait for the host.
+
+    Drawing ahead is safe: a sample that is drawn but never trained on reveals
+    nothing. Each logical step is still exactly one draw, consumed whole (I2).
+
+    Args:
+        sampler: `PoissonSampler` or `SecurePoissonSampler`.
+        data: `RandomAccessData`.
+        physical_batch_size: rows per physical batch.
+        first_step: logical step index of the first draw.
+        prepare: optional function applied to each physical batch
+            `(x, y, sample_weight, mask, is_last)` on the background thread
+            (the backend's device placement).
+        depth: physical batches buffered ahead (default 3).
+    """
+
+    _DONE = object()
+
+    def __init__(self, sampler, data, physical_batch_size, first_step, prepare=None, depth=3):
+        self._sampler, self._data = sampler, data
+        self._p = int(physical_batch_size)
+        self._next_step = int(first_step)
+        self._prepare = prepare or (lambda batch: batch)
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(int(first_step),), daemon=True,
+                                        name="keras_dpsgd-batch-feeder")
+        self._thread.start()
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, step):
+        try:
+            while not self._stop.is_set():
+                indices = self._sampler.sample(step)
+                for idx, mask, is_last in physical_batches(indices, self._p):
+                    bx, by, bsw = self._data.take(idx)
+                    batch = self._prepare((bx, by, bsw, mask, np.full(mask.shape, is_last)))
+                    if not self._put((step, batch, is_last)):
+                        return
+                step += 1
+        except BaseException as e:  # surfaced in the training thread
+            self._put((None, e, True))
+
+    def logical_batch(self, step):
+        """The prepared physical batches of logical step `step`, in order."""
+        if step != self._next_step:
+            raise RuntimeError(f"BatchFeeder: asked for logical step {step}, next is {self._next_step}.")
+        self._next_step += 1
+        while True:
+            got_step, batch, is_last = self._queue.get()
+            if got_step is None:
+                raise batch
+            if got_step != step:  # pragma: no cover - would be a feeder bug
+                raise RuntimeError(f"BatchFeeder: got logical step {got_step}, expected {step}.")
+            yield batch
+            if is_last:
+                return
+
+    def close(self):
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
 
 
 class RandomAccessData:

@@ -304,3 +304,63 @@ def test_weights_loaded_before_the_optimizer_is_built_keep_the_accounting(tmp_pa
     b.fit(x, y, epochs=1, **kw)
     assert int(ops.convert_to_numpy(b.optimizer.iterations)) == 20
     assert b.privacy_spent()[0] == pytest.approx(accounting.epsilon(0.1, 1.0, 20, 1 / 2000), rel=1e-6)
+
+
+def test_secure_mode_refuses_seeds_and_draws_fresh_noise_keys_every_step():
+    x, y = linear_data(64)
+    model = compile_sgd(small_model())
+    with pytest.raises(ValueError, match="secure_mode"):
+        model.fit(x, y, batch_size=16, l2_norm_clip=1.0, noise_multiplier=1.0, seed=1, secure_mode=True)
+    n, e, sigma, clip = 1600, 16, 1.3, 0.7
+    model = zero_grad_model()
+    w0 = weights_of(model)[0]
+    rec = RecordWeights()
+    model.fit(np.zeros((n, 64), "float32"), np.zeros((n, 64), "float32"), batch_size=e, epochs=1,
+              steps_per_epoch=6, l2_norm_clip=clip, noise_multiplier=sigma, physical_batch_size=8,
+              secure_mode=True, callbacks=[rec], verbose=0)
+    kernels = [w0] + rec.kernels
+    deltas = [b - a for a, b in zip(kernels[:-1], kernels[1:])]
+    for d in deltas:
+        assert np.std(d) == pytest.approx(sigma * clip / e, rel=0.06)
+    for a, b in zip(deltas[:-1], deltas[1:]):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.1
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 6
+
+
+def test_an_error_while_reading_data_surfaces_in_fit():
+    class Broken:
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, idx):
+            raise OSError("disk gone")
+
+    model = compile_sgd(small_model())
+    x, y = linear_data(64)
+    with pytest.raises(OSError, match="disk gone"):
+        model.fit(Broken(), y, batch_size=16, l2_norm_clip=1.0, noise_multiplier=1.0, verbose=0)
+
+
+def test_noise_multiplier_is_never_stored_below_the_calibrated_value():
+    # float32 storage must round sigma up (and delta down): otherwise the noise
+    # used is below what the budget needs and the reported epsilon exceeds it.
+    inp = keras.Input((3,))
+    m = keras_dpsgd.DPModel(inp, keras.layers.Dense(2)(inp))
+    m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(100, 3)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    h = m.fit(x, y, batch_size=22, epochs=8, steps_per_epoch=5, l2_norm_clip=1.0, target_epsilon=2.0,
+              target_delta=1e-5, seed=0, verbose=0)
+    calibrated = accounting.calibrate_noise(2.0, 1e-5, 0.22, 40)
+    assert m.optimizer.config_values()["noise_multiplier"] >= calibrated
+    assert m.privacy_spent()[0] <= 2.0 and h.history["epsilon"][-1] <= 2.0
+
+
+def test_evaluate_returns_what_keras_returns():
+    x, y = linear_data(64)
+    model = compile_sgd(small_model())
+    hist = model.fit(x, y, batch_size=16, epochs=1, l2_norm_clip=1.0, noise_multiplier=1.0,
+                     validation_data=(x, y), verbose=0)
+    assert "nonfinite" in hist.history and "val_nonfinite" not in hist.history
+    loss, acc = model.evaluate(x, y, verbose=0)
+    assert np.isfinite(loss) and 0 <= acc <= 1

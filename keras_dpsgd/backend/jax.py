@@ -126,10 +126,18 @@ def train_step(model, state, data):
     opt = model.optimizer
     clip = optimizer_vars[opt.variable_position(opt.l2_norm_clip)]
 
-    losses, y_pred, grads, non_trainable = per_example_grads(
-        model, trainable, non_trainable, metrics_vars, optimizer_vars, x, y, sample_weight)
-    # Per-device partial sums (D, ...): no cross-device traffic until apply.
-    sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
+    if getattr(model, "_dp_clipping", "vectorized") == "ghost":
+        from keras_dpsgd import ghost  # ghost norms + book-keeping (DESIGN.md section 5)
+
+        r = ghost.clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
+                               x, y, sample_weight, mask, clip, num_shards=opt.num_shards)
+        losses, y_pred, sums, keep, num_nonfinite, non_trainable = (
+            r.losses, r.y_pred, r.sums, r.keep, r.num_nonfinite, r.non_trainable)
+    else:
+        losses, y_pred, grads, non_trainable = per_example_grads(
+            model, trainable, non_trainable, metrics_vars, optimizer_vars, x, y, sample_weight)
+        # Per-device partial sums (D, ...): no cross-device traffic until apply.
+        sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
     sums = _constrain_to_shards(sums)
 
     def apply(tv, ov):
@@ -150,13 +158,14 @@ def train_step(model, state, data):
 def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weight, num_nonfinite):
     """Loss and compiled metrics over real rows only (I4)."""
     real = mask.astype(jnp.float32)
-    num_real = jnp.sum(real)
-    safe = jnp.where(mask & jnp.isfinite(losses), losses, 0.0)
-    mean_loss = jnp.sum(safe) / jnp.maximum(num_real, 1.0)
+    finite = mask & jnp.isfinite(losses)
+    num_finite = jnp.sum(finite.astype(jnp.float32))
+    mean_loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(num_finite, 1.0)
     weights = real if sample_weight is None else real * jnp.asarray(sample_weight, jnp.float32).reshape(real.shape[0], -1)[:, 0]
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        model._loss_tracker.update_state(mean_loss, sample_weight=num_real)
+        model._loss_tracker.update_state(mean_loss, sample_weight=num_finite)
+        model._nonfinite_tracker.update_state(num_nonfinite)
         logs = model.compute_metrics(x, y, y_pred, weights)
     new_vars = []
     for ref, old in zip(model.metrics_variables, metrics_vars):
@@ -180,7 +189,6 @@ class Runner:
 
     def run(self, data):
         m = self.model
-        data = self._distribute(data)
         if m._jax_state_synced:
             self.state = m._get_jax_state(
                 trainable_variables=True, non_trainable_variables=True,
@@ -193,10 +201,23 @@ class Runner:
                         "optimizer_variables": ov, "metrics_variables": mv}
         return logs
 
-    def _distribute(self, data):
+    def assign(self, variable, value):
+        """Sets an optimizer variable between steps, wherever the state lives now."""
+        m = self.model
+        if m._jax_state_synced or self.state is None:
+            variable.assign(value)
+            return
+        tv, ntv, ov, mv = self.state
+        ov = list(ov)
+        pos = m.optimizer.variable_position(variable)
+        ov[pos] = jax.device_put(jnp.asarray(value, ov[pos].dtype), ov[pos].sharding)
+        self.state = (tv, ntv, ov, mv)
+
+    def prepare(self, data):
+        """Places one physical batch on the device(s); runs on the feeder thread."""
         dist, _ = _data_parallel()
         if dist is None:
-            return data
+            return jax.device_put(data)
         from keras.src.backend.jax.trainer import _distribute_data
 
         if jax.process_count() > 1:

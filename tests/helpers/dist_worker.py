@@ -40,7 +40,7 @@ def hlo_collectives(model, x, y):
     runner = Runner(model)
     p = 8
     data = (x[:p], y[:p], None, np.ones(p, bool), np.ones(p, bool))
-    data = runner._distribute(data)
+    data = runner.prepare(data)
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                  optimizer_variables=True, metrics_variables=True)
     text = jax.jit(model.train_step).lower(state, data).compile().as_text()

@@ -1,0 +1,932 @@
+"""Ghost clipping with book-keeping for Keras models on JAX (DESIGN.md section 5).
+
+The vectorized path materializes every example's gradient of every weight
+(B copies of the model's gradient). Ghost clipping (Li et al. 2022, "ghost
+norm"; Bu et al., ICML 2023, "book-keeping") gets the same clipped sum from
+two per-layer quantities: the layer's input a_i and the gradient g_i of the
+example's loss w.r.t. the layer's (pre-activation) output:
+
+- per-example squared norms of each weight's gradient, without forming it:
+  for a dense layer on a vector input ||a_i g_i^T||^2 = ||a_i||^2 ||g_i||^2;
+  on a sequence (T positions) either the Gram form <a_i a_i^T, g_i g_i^T>
+  (cost T^2 (d_in + d_out)) or the materialized a_i^T g_i (cost T d_in d_out),
+  whichever is cheaper for that layer;
+- the clipped sum sum_i c_i a_i^T g_i as ONE weighted matmul over the batch
+  (book-keeping: no second backward pass).
+
+How a and g are obtained (JAX): the per-example forward (the same vmapped,
+batch-of-one `compute_loss_and_updates` as the vectorized path, so losses,
+predictions and dropout keys are identical) runs with every ruled layer's
+`call` temporarily wrapped: the wrapper records the layer's input and adds a
+zero "tap" to its (pre-activation) output. The gradient w.r.t. the taps is g;
+it costs a backward pass through the activations only. Weights of layers
+without a rule, weights with a regularizer, weights held by several layers,
+and weights the forward reads outside their own layer's call (tied weights;
+found by `discover` in the jaxpr) fall back to per-example gradients, taken
+in the same vmapped pass for those weights only. The per-example norm is the
+exact total over all trainable weights (flat clipping, I3); masked and
+non-finite rows get c_i = 0 and are removed with `where` (I4), as in
+`keras_dpsgd.clipping`. Norms and sums are float32 whatever the dtype policy.
+
+Rules are registered per exact layer class (a subclass may change `call`):
+Dense, EinsumDense, Embedding, LayerNormalization, GroupNormalization,
+Conv1D/2D/3D. `register_rule` adds more. Norm and sum rules use keras.ops;
+the tracing machinery and the convolution pieces (patches, weight
+gradients) use JAX.
+"""
+
+import contextlib
+import logging
+import math
+import string
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from keras import ops
+from keras import tree
+
+from keras_dpsgd import clipping
+
+logger = logging.getLogger("keras_dpsgd")
+
+# "auto": Gram form vs materialized a_i^T g_i by cost, per layer. Tests force
+# "gram" or "materialize" to check both forms.
+NORM_METHOD = "auto"
+
+# clipping="auto" picks ghost when the fallback (per-example gradients) holds
+# at most this fraction of the trainable parameters.
+AUTO_MAX_FALLBACK_FRACTION = 0.25
+
+
+class GhostUnsupportedError(ValueError):
+    """A ruled layer was used in a way its rule does not cover."""
+
+
+# --------------------------------------------------------------------------
+# Per-example gradient representations: each gives per-example squared norms
+# (float32, (B,)) and the clipped, masked sum as per-shard partial sums
+# (float32, (shards, *weight_shape); shards = 1 without data parallelism).
+
+
+def _expand(v, ndim):
+    return ops.reshape(v, (-1,) + (1,) * (ndim - 1))
+
+
+def _select(t, keep):
+    """where(keep_i, t_i, 0): a dropped row is exactly zero even if NaN (I4)."""
+    return ops.where(_expand(keep, len(t.shape)), t, ops.zeros_like(t))
+
+
+def _shard(t, shards):
+    """(B, ...) -> (shards, B / shards, ...): contiguous row groups, one per device."""
+    return ops.reshape(t, (shards, -1) + tuple(t.shape[1:]))
+
+
+def _use_gram(t, d_in, d_out):
+    if NORM_METHOD != "auto":
+        return NORM_METHOD == "gram"
+    # Gram: T^2 (d_in + d_out) flops, B T^2 memory; materialize: T d_in d_out
+    # flops, B d_in d_out memory.
+    return t * (d_in + d_out) < d_in * d_out
+
+
+class LinearGrad:
+    """Per-example gradient a_i^T g_i (per group) of a dense-like weight.
+
+    A: (B, groups, T, d_in), G: (B, groups, T, d_out), float32.
+    `to_weight` maps (shards, groups, d_in, d_out) sums to (shards, *weight_shape).
+    The norm uses the Gram form, or forms a_i^T g_i when that is cheaper
+    (then reused for the sum); otherwise the sum is one weighted matmul.
+    """
+
+    def __init__(self, a, g, to_weight):
+        self.a, self.g, self.to_weight = a, g, to_weight
+        self.materialized = None
+
+    def sq_norm(self):
+        a, g = self.a, self.g
+        t, d_in, d_out = a.shape[2], a.shape[3], g.shape[3]
+        if t == 1:
+            return ops.sum(ops.sum(ops.square(a), axis=(2, 3)) * ops.sum(ops.square(g), axis=(2, 3)), axis=1)
+        if _use_gram(t, d_in, d_out):
+            aa = ops.einsum("bktd,bksd->bkts", a, a)
+            gg = ops.einsum("bkte,bkse->bkts", g, g)
+            return ops.sum(aa * gg, axis=(1, 2, 3))
+        # Cheaper to form a_i^T g_i (small next to the activations); it is
+        # then reused for the sum.
+        self.materialized = ops.einsum("bktd,bkte->bkde", a, g)
+        return ops.sum(ops.square(self.materialized), axis=(1, 2, 3))
+
+    def clipped_sum(self, factors, keep, shards):
+        if self.materialized is not None:
+            s = clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
+            return self.to_weight(s)
+        g = _shard(_select(self.g * _expand(factors, 4), keep), shards)
+        a = _shard(_select(self.a, keep), shards)
+        return self.to_weight(ops.einsum("nbktd,nbkte->nkde", a, g))
+
+
+class PerExampleGrad:
+    """A small weight's per-example gradient, materialized: (B, *weight_shape)."""
+
+    def __init__(self, grads):
+        self.grads = ops.cast(grads, "float32")
+
+    def sq_norm(self):
+        return clipping.per_example_sq_norms([self.grads])
+
+    def clipped_sum(self, factors, keep, shards):
+        return clipping.weighted_sum([self.grads], factors, keep, shards)[0]
+
+
+class EmbeddingGrad:
+    """Per-example gradient of an embedding table: rows g_it scatter-added at
+    ids_it (repeated ids within an example add up).
+
+    ||grad_i||^2 = sum_{t,t'} [id_t == id_t'] <g_t, g_t'>; the sum is one
+    segment-sum of c_i g_it over all (i, t).
+    """
+
+    def __init__(self, ids, g, vocab):
+        self.ids, self.g, self.vocab = ids, g, vocab  # (B, T) int32, (B, T, D) f32
+
+    def sq_norm(self):
+        if self.ids.shape[1] == 1:
+            return ops.sum(ops.square(self.g), axis=(1, 2))
+        same = ops.expand_dims(self.ids, 2) == ops.expand_dims(self.ids, 1)
+        gg = ops.einsum("btd,bsd->bts", self.g, self.g)
+        return ops.sum(ops.where(same, gg, ops.zeros_like(gg)), axis=(1, 2))
+
+    def clipped_sum(self, factors, keep, shards):
+        g = _select(self.g * _expand(factors, 3), keep)
+        d = g.shape[-1]
+        # Shard n's rows go to segments [n V, (n + 1) V).
+        ids = _shard(self.ids, shards) + ops.reshape(ops.arange(shards, dtype="int32") * self.vocab, (-1, 1, 1))
+        s = ops.segment_sum(ops.reshape(g, (-1, d)), ops.reshape(ids, (-1,)),
+                            num_segments=shards * self.vocab)
+        return ops.reshape(s, (shards, self.vocab, d))
+
+
+class ZeroGrad:
+    """A ruled weight whose layer was not called: zero gradient."""
+
+    def __init__(self, batch, shape):
+        self.batch, self.shape = batch, tuple(shape)
+
+    def sq_norm(self):
+        return ops.zeros((self.batch,), "float32")
+
+    def clipped_sum(self, factors, keep, shards):
+        return ops.zeros((shards,) + self.shape, "float32")
+
+
+# --------------------------------------------------------------------------
+# Rules. `calls` is a list of (a, g) per call of the layer in the forward,
+# each with the example axis first: a is the layer's input as its `call`
+# received it (B, *input_shape_seen_by_call), g the gradient w.r.t. the
+# tapped output (B, *output_shape). `roles` are the weights to produce.
+
+
+def _f32(t):
+    return ops.cast(t, "float32")
+
+
+def _merge_example_axis(t):
+    """(B, n, ...) -> (B*n, ...): the vmapped example axis with the layer's own batch axis."""
+    return ops.reshape(t, (-1,) + tuple(t.shape[2:]))
+
+
+def _unbroadcast(t, shape):
+    """Sum t (B, *s) down to (B, *shape), where `shape` broadcasts to s (right-aligned)."""
+    lead = len(t.shape) - 1 - len(shape)
+    if lead > 0:
+        t = ops.sum(t, axis=tuple(range(1, 1 + lead)))
+    axes = tuple(i + 1 for i, n in enumerate(shape) if n == 1 and t.shape[i + 1] != 1)
+    if axes:
+        t = ops.sum(t, axis=axes, keepdims=True)
+    return ops.reshape(t, (-1,) + tuple(shape))
+
+
+def _sum_calls(per_call):
+    out = per_call[0]
+    for t in per_call[1:]:
+        out = out + t
+    return out
+
+
+def _variable(layer, *names):
+    for name in names:
+        v = layer.__dict__.get(name)
+        if isinstance(v, keras.Variable):
+            return v
+    return None
+
+
+def _plain(layer):
+    return not getattr(layer, "quantization_mode", None) and not getattr(layer, "lora_enabled", False)
+
+
+class GhostRule:
+    """Base class. `tap` is "pre_activation" (the layer applies
+    `self.activation` last, and the tap goes before it) or "output"."""
+
+    tap = "output"
+
+    def variables(self, layer):
+        """{role: keras.Variable or None}, or None when this layer's
+        configuration is not covered (it then falls back)."""
+        raise NotImplementedError
+
+    def prepare(self, layer, calls, roles):
+        """{role: gradient representation} for the roles asked."""
+        raise NotImplementedError
+
+
+class DenseRule(GhostRule):
+    tap = "pre_activation"
+
+    def variables(self, layer):
+        if not _plain(layer):
+            return None
+        return {"kernel": _variable(layer, "_kernel"), "bias": _variable(layer, "bias")}
+
+    def prepare(self, layer, calls, roles):
+        d_in, d_out = layer._kernel.shape
+        out = {}
+        if "kernel" in roles:
+            a = ops.concatenate([ops.reshape(_f32(a), (a.shape[0], 1, -1, d_in)) for a, _ in calls], axis=2)
+            g = ops.concatenate([ops.reshape(_f32(g), (g.shape[0], 1, -1, d_out)) for _, g in calls], axis=2)
+            out["kernel"] = LinearGrad(a, g, lambda s: ops.reshape(s, (-1, d_in, d_out)))
+        if "bias" in roles:
+            out["bias"] = PerExampleGrad(_sum_calls(
+                [ops.sum(ops.reshape(_f32(g), (g.shape[0], -1, d_out)), axis=1) for _, g in calls]))
+        return out
+
+
+def _einsum_parts(equation):
+    equation = equation.replace(" ", "")
+    lhs, rest = equation.split(",")
+    kernel, out = rest.split("->")
+    return lhs, kernel, out
+
+
+class EinsumDenseRule(GhostRule):
+    """EinsumDense as a dense layer: kernel axes split into those contracted
+    with the input (d_in) and those in the output (d_out); input/output axes
+    not in the kernel are positions (T); input-only axes are summed first."""
+
+    tap = "pre_activation"
+
+    def variables(self, layer):
+        if not _plain(layer):
+            return None
+        lhs, kernel, out = (p.replace("...", "") for p in _einsum_parts(layer.equation))
+        for part in (lhs, kernel, out):
+            if len(set(part)) != len(part):
+                return None
+        for c in kernel:
+            if (c in lhs) == (c in out):  # diagonal or kernel-only axis
+                return None
+        return {"kernel": _variable(layer, "_kernel"), "bias": _variable(layer, "bias")}
+
+    def prepare(self, layer, calls, roles):
+        kshape = tuple(layer._kernel.shape)
+        out = {}
+        if "kernel" in roles:
+            a_all, g_all = [], []
+            for a, g in calls:
+                lhs, kernel, outp = _einsum_parts(layer.equation)
+                spare = [c for c in string.ascii_letters if c not in layer.equation]
+                if "..." in lhs:
+                    n = (len(a.shape) - 1) - (len(lhs) - 3)
+                    ell = "".join(spare[:n])
+                    spare = spare[n:]
+                    lhs, outp = lhs.replace("...", ell), outp.replace("...", ell)
+                ex = spare[0]
+                pos = "".join(c for c in lhs if c in outp and c not in kernel)
+                k_in = "".join(c for c in lhs if c in kernel)
+                k_out = "".join(c for c in kernel if c in outp)
+                a = ops.einsum(f"{ex}{lhs}->{ex}{pos}{k_in}", _f32(a))
+                g = ops.einsum(f"{ex}{outp}->{ex}{pos}{k_out}", _f32(g))
+                sizes = dict(zip(kernel, kshape))
+                d_in = math.prod(sizes[c] for c in k_in)
+                d_out = math.prod(sizes[c] for c in k_out)
+                a_all.append(ops.reshape(a, (a.shape[0], 1, -1, d_in)))
+                g_all.append(ops.reshape(g, (g.shape[0], 1, -1, d_out)))
+
+            def to_weight(s, k_in=k_in, k_out=k_out, kernel=kernel, sizes=sizes, n=spare[1]):
+                s = ops.reshape(s, (-1,) + tuple(sizes[c] for c in k_in + k_out))
+                return ops.einsum(f"{n}{k_in}{k_out}->{n}{kernel}", s)
+
+            out["kernel"] = LinearGrad(ops.concatenate(a_all, axis=2), ops.concatenate(g_all, axis=2), to_weight)
+        if "bias" in roles:
+            bshape = tuple(layer.bias.shape)
+            out["bias"] = PerExampleGrad(_sum_calls([_unbroadcast(_f32(g), bshape) for _, g in calls]))
+        return out
+
+
+class ConvGrad:
+    """Per-example gradient of a convolution kernel (Conv1D/2D/3D, any
+    strides, padding, dilation, groups).
+
+    `calls` holds, per call, the input (B, n, *spatial, C_in) and the output
+    gradient (B, n, *out_spatial, F), float32, channels last, causal padding
+    already applied. Per group the kernel is a dense layer on patches:
+    d_in = prod(kernel_size) * C_in / groups, d_out = F / groups, T = output
+    positions. Norms: Gram form on patches (extracted by strided slicing) when
+    cheaper, else each example's kernel gradient by the convolution's own
+    weight-gradient (vmapped). Sum: ONE weight-gradient convolution over the
+    whole batch with the output gradients scaled by c_i (book-keeping).
+    """
+
+    def __init__(self, layer, calls):
+        self.layer, self.calls = layer, calls
+        self.kshape = tuple(layer.kernel.shape)
+        self.materialized = None
+
+    def _conv(self, a, kernel):
+        layer = self.layer
+        padding = "valid" if layer.padding == "causal" else layer.padding
+        return ops.conv(a, kernel, strides=tuple(layer.strides), padding=padding,
+                        dilation_rate=tuple(layer.dilation_rate), data_format="channels_last")
+
+    def _kernel_grad(self, a, g):
+        """Sum over the rows of a (n, ...) / g (n, ...) of the kernel gradient."""
+        zero = jnp.zeros(self.kshape, a.dtype)
+        return jax.vjp(lambda k: self._conv(a, k), zero)[1](g)[0]
+
+    def _patches(self, a):
+        """(n, *spatial, C) -> (n, *out_spatial, prod(kernel_size), C)."""
+        layer = self.layer
+        ks, st, dil = tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate)
+        spatial = tuple(a.shape[1:-1])
+        window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+        if layer.padding == "same":
+            pads = jax.lax.padtype_to_pads(spatial, window, st, "SAME")
+            a = jnp.pad(a, [(0, 0)] + list(pads) + [(0, 0)])
+            spatial = tuple(a.shape[1:-1])
+        out = tuple((n - w) // s + 1 for n, w, s in zip(spatial, window, st))
+        slices = []
+        for offset in np.ndindex(*ks):
+            begin = (0,) + tuple(o * d for o, d in zip(offset, dil)) + (0,)
+            limit = (a.shape[0],) + tuple(b + (m - 1) * s + 1 for b, m, s in zip(begin[1:], out, st)) + (a.shape[-1],)
+            slices.append(jax.lax.slice(a, begin, limit, (1,) + st + (1,)))
+        return jnp.stack(slices, axis=-2)
+
+    def sq_norm(self):
+        groups = self.layer.groups
+        k = math.prod(self.kshape[:-2])
+        c_g, f = self.kshape[-2], self.kshape[-1]
+        t = sum(math.prod(g.shape[1:-1]) for _, g in self.calls)
+        if t > 1 and _use_gram(t, k * c_g, f // groups):
+            a_all, g_all = [], []
+            for a, g in self.calls:
+                b = a.shape[0]
+                p = self._patches(_merge_example_axis(a))  # (b n, *out, K, C)
+                p = ops.reshape(p, (b, -1, k, groups, c_g))
+                a_all.append(ops.reshape(ops.transpose(p, (0, 3, 1, 2, 4)), (b, groups, -1, k * c_g)))
+                g_all.append(ops.transpose(ops.reshape(g, (b, -1, groups, f // groups)), (0, 2, 1, 3)))
+            return LinearGrad(ops.concatenate(a_all, axis=2), ops.concatenate(g_all, axis=2), None).sq_norm()
+        self.materialized = _sum_calls([jax.vmap(self._kernel_grad)(a, g) for a, g in self.calls])
+        return clipping.per_example_sq_norms([self.materialized])
+
+    def clipped_sum(self, factors, keep, shards):
+        if self.materialized is not None:
+            return clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
+        total = None
+        for a, g in self.calls:
+            g = _shard(_select(g * _expand(factors, len(g.shape)), keep), shards)
+            a = _shard(_select(a, keep), shards)
+            merge = lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))  # noqa: E731 (rows of a shard)
+            s = jax.vmap(lambda a, g: self._kernel_grad(merge(a), merge(g)))(a, g)
+            total = s if total is None else total + s
+        return total
+
+
+class ConvRule(GhostRule):
+    """Conv1D/2D/3D: see `ConvGrad`; bias gradient = sum of g over positions.
+    Strides, padding (valid, same, causal), dilation, groups, both data formats."""
+
+    tap = "pre_activation"
+
+    def variables(self, layer):
+        if not _plain(layer):
+            return None
+        return {"kernel": _variable(layer, "kernel", "_kernel"), "bias": _variable(layer, "bias")}
+
+    def prepare(self, layer, calls, roles):
+        filters = layer.kernel.shape[-1]
+        prepared, bias = [], []
+        for a, g in calls:
+            a, g = _f32(a), _f32(g)
+            if layer.data_format == "channels_first":
+                a, g = ops.moveaxis(a, 2, -1), ops.moveaxis(g, 2, -1)
+            if layer.padding == "causal":
+                left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+                a = ops.pad(a, [[0, 0], [0, 0], [left, 0], [0, 0]])
+            prepared.append((a, g))
+            bias.append(ops.sum(ops.reshape(g, (g.shape[0], -1, filters)), axis=1))
+        out = {}
+        if "kernel" in roles:
+            out["kernel"] = ConvGrad(layer, prepared)
+        if "bias" in roles:
+            out["bias"] = PerExampleGrad(_sum_calls(bias))
+        return out
+
+
+class EmbeddingRule(GhostRule):
+    tap = "output"
+
+    def variables(self, layer):
+        if not _plain(layer):
+            return None
+        return {"embeddings": _variable(layer, "_embeddings")}
+
+    def prepare(self, layer, calls, roles):
+        d, vocab = layer.output_dim, layer.input_dim
+        ids = ops.concatenate([ops.reshape(ops.cast(a, "int32"), (a.shape[0], -1)) for a, _ in calls], axis=1)
+        g = ops.concatenate([ops.reshape(_f32(g), (g.shape[0], -1, d)) for _, g in calls], axis=1)
+        # As the lookup (jnp.take): ids in [-V, 0) wrap around; ids out of
+        # range read NaN and get no gradient, so they contribute nothing here.
+        ids = ops.where(ids < 0, ids + vocab, ids)
+        valid = ops.logical_and(ids >= 0, ids < vocab)
+        g = ops.where(ops.expand_dims(valid, -1), g, ops.zeros_like(g))
+        return {"embeddings": EmbeddingGrad(ops.where(valid, ids, ops.zeros_like(ids)), g, vocab)}
+
+
+class _AffineNormRule(GhostRule):
+    """Normalization layers whose output is xhat * gamma + beta (broadcast):
+    per-example d gamma = sum(g * xhat), d beta = sum(g) over the axes gamma
+    is broadcast along. xhat comes from the layer itself with gamma = 1,
+    beta = 0 (Keras' own normalization code, so every option matches)."""
+
+    tap = "output"
+
+    def variables(self, layer):
+        roles = {"gamma": _variable(layer, "gamma"), "beta": _variable(layer, "beta")}
+        known = {id(v) for v in roles.values() if v is not None}
+        if any(id(v) not in known for v in layer.variables):
+            return None
+        return roles
+
+    def _reduce(self, layer, t):
+        raise NotImplementedError
+
+    def prepare(self, layer, calls, roles):
+        gamma, beta = _variable(layer, "gamma"), _variable(layer, "beta")
+        dgamma, dbeta = [], []
+        for a, g in calls:
+            g = _f32(g)
+            if "gamma" in roles:
+                def value(v):
+                    return ops.ones(v.shape, v.dtype) if v is gamma else ops.zeros(v.shape, v.dtype)
+
+                xhat, _ = layer.stateless_call([value(v) for v in layer.trainable_variables],
+                                               [value(v) for v in layer.non_trainable_variables],
+                                               _merge_example_axis(a))
+                xhat = ops.reshape(_f32(xhat), g.shape)
+                dgamma.append(ops.reshape(self._reduce(layer, g * xhat), (-1,) + tuple(gamma.shape)))
+            if "beta" in roles:
+                dbeta.append(ops.reshape(self._reduce(layer, g), (-1,) + tuple(beta.shape)))
+        out = {}
+        if "gamma" in roles:
+            out["gamma"] = PerExampleGrad(_sum_calls(dgamma))
+        if "beta" in roles:
+            out["beta"] = PerExampleGrad(_sum_calls(dbeta))
+        return out
+
+
+class LayerNormalizationRule(_AffineNormRule):
+    def _reduce(self, layer, t):
+        rank = len(t.shape) - 1  # the rank the layer saw
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        keep = sorted(ax % rank for ax in axes)
+        return ops.sum(t, axis=tuple(d + 1 for d in range(rank) if d not in keep))
+
+
+class GroupNormalizationRule(_AffineNormRule):
+    def _reduce(self, layer, t):
+        rank = len(t.shape) - 1
+        channel = layer.axis % rank
+        return ops.sum(t, axis=tuple(d + 1 for d in range(rank) if d != channel))
+
+
+RULES = {
+    keras.layers.Dense: DenseRule(),
+    keras.layers.EinsumDense: EinsumDenseRule(),
+    keras.layers.Embedding: EmbeddingRule(),
+    keras.layers.LayerNormalization: LayerNormalizationRule(),
+    keras.layers.GroupNormalization: GroupNormalizationRule(),
+    keras.layers.Conv1D: ConvRule(),
+    keras.layers.Conv2D: ConvRule(),
+    keras.layers.Conv3D: ConvRule(),
+}
+
+
+def register_rule(layer_class, rule):
+    """Registers a `GhostRule` for exactly `layer_class` (not its subclasses)."""
+    if not isinstance(rule, GhostRule):
+        raise TypeError(f"rule must be a GhostRule, got {type(rule).__name__}.")
+    RULES[layer_class] = rule
+
+
+# --------------------------------------------------------------------------
+# Plan: which trainable weights are ruled (and by which layer), which fall back.
+
+
+class _Entry(NamedTuple):
+    layer: object
+    rule: GhostRule
+    roles: dict  # role -> position in model.trainable_variables
+
+
+class Plan(NamedTuple):
+    entries: list
+    fallback: list  # positions in model.trainable_variables
+
+    def describe(self, model):
+        tv = model.trainable_variables
+        fb = sum(int(np.prod(tv[i].shape)) for i in self.fallback)
+        total = sum(int(np.prod(v.shape)) for v in tv)
+        return fb, total
+
+
+def build_plan(model, exclude=()):
+    """Assigns each trainable weight to a ghost rule or to the fallback.
+
+    A weight falls back when its layer's exact class has no rule (or the
+    layer's configuration is not covered: LoRA, quantized, unusual einsum),
+    when it has a regularizer (its penalty's gradient does not pass through
+    the layer output), when several layers hold it (tied weights), or when
+    its id is in `exclude` (`discover` finds weights read outside their
+    layer's call).
+    """
+    tv = model.trainable_variables
+    pos = {id(v): i for i, v in enumerate(tv)}
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    owners = {}
+    for layer in layers:
+        for v in layer._trainable_variables:
+            owners[id(v)] = owners.get(id(v), 0) + 1
+    entries, ruled = [], set()
+    for layer in layers[1:]:
+        rule = RULES.get(type(layer))
+        if rule is None or not layer.built:
+            continue
+        variables = rule.variables(layer)
+        if not variables:
+            continue
+        roles = {}
+        for role, v in variables.items():
+            if v is None or id(v) not in pos or pos[id(v)] in ruled:
+                continue
+            if getattr(v, "regularizer", None) is not None or owners.get(id(v), 0) != 1:
+                continue
+            if id(v) in exclude:
+                continue
+            roles[role] = pos[id(v)]
+        if roles:
+            entries.append(_Entry(layer, rule, roles))
+            ruled.update(roles.values())
+    return Plan(entries, [i for i in range(len(tv)) if i not in ruled])
+
+
+# --------------------------------------------------------------------------
+# Taps: record inputs and add zero taps to ruled layers' outputs.
+
+
+class _Taps:
+    """Context manager wrapping each ruled layer's `call` for one trace.
+
+    With `taps=None` (discovery) it records the shape and dtype of every
+    tapped tensor; otherwise it adds taps[entry][k] to the k-th call's
+    tapped tensor. Inputs are recorded in both modes. With `inside` (a dict
+    {id(variable): value} per entry), the layer's ruled variables take those
+    values only while its call runs (the stateless scope holds other values
+    elsewhere): `discover` uses it to find reads outside the call. The
+    wrappers are instance attributes removed on exit, so the layers are left
+    as found.
+    """
+
+    def __init__(self, entries, taps=None, inside=None):
+        self.entries = entries
+        self.taps = taps
+        self.inside = inside
+        self.inputs = [[] for _ in entries]
+        self.specs = [[] for _ in entries]
+        self._saved = []
+
+    @contextlib.contextmanager
+    def _inside(self, idx):
+        if self.inside is None:
+            yield
+            return
+        from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+        mapping = get_stateless_scope().state_mapping
+        saved = {k: mapping.get(k, _MISSING) for k in self.inside[idx]}
+        mapping.update(self.inside[idx])
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is _MISSING:
+                    mapping.pop(k, None)
+                else:
+                    mapping[k] = v
+
+    def _wrap(self, idx, entry):
+        layer, rule = entry.layer, entry.rule
+        original = layer.call
+
+        def tap(t, n):
+            if self.taps is None:
+                self.specs[idx].append(jax.ShapeDtypeStruct(t.shape, t.dtype))
+                return t
+            return t + self.taps[idx][n]
+
+        def call(*args, **kwargs):
+            if not args:
+                raise GhostUnsupportedError(
+                    f"{type(layer).__name__} {layer.name!r} was called without a positional input.")
+            n = len(self.inputs[idx])
+            self.inputs[idx].append(args[0])
+            if rule.tap != "pre_activation":
+                with self._inside(idx):
+                    return tap(original(*args, **kwargs), n)
+            activation = layer.activation
+            count = [0]
+
+            def hooked(t):
+                count[0] += 1
+                t = tap(t, n)
+                return t if activation is None else activation(t)
+
+            object.__setattr__(layer, "activation", hooked)
+            try:
+                with self._inside(idx):
+                    out = original(*args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", activation)
+            if count[0] != 1:
+                raise GhostUnsupportedError(
+                    f"{type(layer).__name__} {layer.name!r}: its call did not apply its activation "
+                    "exactly once, so the ghost rule cannot see its pre-activation output.")
+            return out
+
+        return call
+
+    def __enter__(self):
+        for idx, entry in enumerate(self.entries):
+            layer = entry.layer
+            self._saved.append((layer, layer.__dict__.get("call", _MISSING)))
+            object.__setattr__(layer, "call", self._wrap(idx, entry))
+        return self
+
+    def __exit__(self, *exc):
+        for layer, old in reversed(self._saved):
+            if old is _MISSING:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", old)
+        self._saved = []
+        return False
+
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------
+# The ghost step.
+
+
+class GhostResult(NamedTuple):
+    losses: object          # (B,) per-example losses (unscaled), as the vectorized path
+    y_pred: object          # predictions, batch first
+    sums: list              # float32 clipped, masked sums, one per trainable weight
+    keep: object            # bool (B,)
+    num_nonfinite: object   # int32 scalar
+    non_trainable: list     # advanced non-trainable state
+    sq_norms: object        # float32 (B,) per-example squared gradient norms
+
+
+def _per_example_state(model, non_trainable, batch):
+    # Same per-example seed states as backend.jax.per_example_grads, so random
+    # layers draw identically on both paths.
+    from keras_dpsgd.backend import jax as jax_backend
+
+    seed_pos = set(jax_backend._seed_state_positions(model))
+    per_ex, axes = [], []
+    for i, v in enumerate(non_trainable):
+        if i in seed_pos:
+            per_ex.append(jax.vmap(lambda k, s=v: jax.random.fold_in(s, k))(jnp.arange(batch)))
+            axes.append(0)
+        else:
+            per_ex.append(v)
+            axes.append(None)
+    new = [v + jnp.array([0, 1], dtype=v.dtype) if i in seed_pos else v
+           for i, v in enumerate(non_trainable)]
+    return per_ex, axes, new
+
+
+def _add_batch_axis(a):
+    return None if a is None else tree.map_structure(lambda t: t[None], a)
+
+
+def _first(a):
+    return None if a is None else tree.map_structure(lambda t: t[0], a)
+
+
+def _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi):
+    """One example's loss through Keras' own compute_loss_and_updates, as on
+    the vectorized path (batch of one), with the taps in place."""
+    with tapper:
+        loss, (unscaled, y_pred, _, _) = model.compute_loss_and_updates(
+            tv, ntv, metrics_vars, _add_batch_axis(xi), _add_batch_axis(yi), _add_batch_axis(swi),
+            training=True, optimizer_variables=optimizer_vars)
+    return loss, (unscaled, tree.map_structure(lambda a: a[0], y_pred))
+
+
+def discover(model, plan, trainable, ntv, metrics_vars, optimizer_vars, xi, yi, swi):
+    """One abstract trace of one example's forward.
+
+    Returns (specs, outside): the shape and dtype of every tapped tensor per
+    entry and call; and the ids of ruled variables that the forward reads
+    outside their own layer's call (for instance a tied output projection
+    reading an Embedding's table). Their gradient would not pass through the
+    layer's output, so they must fall back. Found by giving each ruled
+    variable a separate input outside its layer's call and checking, in the
+    jaxpr, whether that input is used at all.
+    """
+    if not plan.entries:
+        return [], set()
+    tvars = model.trainable_variables
+    ruled = [p for e in plan.entries for p in e.roles.values()]
+    holder = {}
+
+    def f(outside, tv, ntv, mv, ov, xi, yi, swi):
+        inside = [{id(tvars[p]): tv[p] for p in e.roles.values()} for e in plan.entries]
+        tv = list(tv)
+        for p, v in zip(ruled, outside):
+            tv[p] = v
+        tapper = _Taps(plan.entries, None, inside)
+        loss, _ = _forward(model, tapper, tv, ntv, mv, ov, xi, yi, swi)
+        holder["specs"] = tapper.specs
+        return loss
+
+    closed = jax.make_jaxpr(f)([trainable[p] for p in ruled], list(trainable), ntv, metrics_vars,
+                               optimizer_vars, xi, yi, swi)
+    jaxpr = closed.jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    outside = {id(tvars[p]) for p, v in zip(ruled, jaxpr.invars[:len(ruled)]) if id(v) in used}
+    return holder["specs"], outside
+
+
+def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
+                 x, y, sample_weight, mask, l2_norm_clip, num_shards=None, plan=None):
+    """Per-example clipping and masked summation by ghost norms + book-keeping.
+
+    Same contract as `per_example_grads` followed by
+    `clipping.clip_and_sum(..., num_shards)` on the vectorized path (sums are
+    weight-shaped, or (num_shards, ...) partial sums); returns a `GhostResult`.
+    """
+    plan = plan or build_plan(model)
+    batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+    per_ex_ntv, ntv_axes, new_ntv = _per_example_state(model, non_trainable, batch)
+    trainable = list(trainable)
+
+    # Discovery: tapped shapes, and ruled weights read outside their layer
+    # (those fall back: their per-example gradient is then taken by vmap).
+    one_ntv = [t[0] if a == 0 else t for t, a in zip(per_ex_ntv, ntv_axes)]
+    example = (one_ntv, metrics_vars, optimizer_vars, _first(x), _first(y), _first(sample_weight))
+    specs, outside = discover(model, plan, trainable, *example)
+    if outside:
+        plan = build_plan(model, exclude=outside)
+        specs, _ = discover(model, plan, trainable, *example)
+    taps = [[jnp.zeros((batch,) + tuple(s.shape), s.dtype) for s in per_call] for per_call in specs]
+    fb_pos = list(plan.fallback)
+
+    def loss_and_inputs(fb_vals, taps, tv, ntv, xi, yi, swi):
+        tv = list(tv)
+        for p, v in zip(fb_pos, fb_vals):
+            tv[p] = v
+        tapper = _Taps(plan.entries, taps)
+        loss, (unscaled, y_pred) = _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi)
+        return loss, (unscaled, y_pred, tapper.inputs)
+
+    grad_fn = jax.vmap(jax.value_and_grad(loss_and_inputs, argnums=(0, 1), has_aux=True),
+                       in_axes=(None, 0, None, ntv_axes, 0, 0, 0))
+    fb_vals = [trainable[p] for p in fb_pos]
+    (_, (losses, y_pred, inputs)), (fb_grads, tap_grads) = grad_fn(
+        fb_vals, taps, trainable, per_ex_ntv, x, y, sample_weight)
+
+    reps = {}
+    for entry, ins, gs in zip(plan.entries, inputs, tap_grads):
+        if ins:
+            got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles))
+        else:
+            got = {}
+        for role, p in entry.roles.items():
+            rep = got.get(role)
+            reps[p] = ZeroGrad(batch, trainable[p].shape) if rep is None else rep
+
+    sq = ops.zeros((batch,), "float32")
+    for p in sorted(reps):
+        sq = sq + reps[p].sq_norm()
+    if fb_grads:
+        sq = sq + clipping.per_example_sq_norms(fb_grads)
+    factors, keep = clipping.clip_factors(sq, mask, l2_norm_clip)
+    shards = num_shards or 1
+    sums = [None] * len(trainable)
+    for p, rep in reps.items():
+        s = ops.reshape(ops.cast(rep.clipped_sum(factors, keep, shards), "float32"),
+                        (shards,) + tuple(trainable[p].shape))
+        sums[p] = s if num_shards else s[0]
+    for p, s in zip(fb_pos, clipping.weighted_sum(fb_grads, factors, keep, num_shards)):
+        sums[p] = s
+    nonfinite = ops.logical_and(ops.cast(mask, "bool"), ops.logical_not(keep))
+    return GhostResult(losses, y_pred, sums, keep, ops.sum(ops.cast(nonfinite, "int32")), new_ntv, sq)
+
+
+# --------------------------------------------------------------------------
+# Choosing the path (fit(clipping=...)).
+
+
+def _abstract(values):
+    return [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in values]
+
+
+def check_traceable(model, data_batch, plan=None):
+    """Traces the ghost step abstractly on one physical batch (raises if it cannot)."""
+    x, y, sw = data_batch
+    batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+    opt_vars = model.optimizer.variables if model.optimizer is not None else []
+
+    def run(tv, ntv, mv, ov, x, y, sw):
+        r = clipped_sums(model, tv, ntv, mv, ov, x, y, sw, jnp.ones((batch,), bool), 1.0, plan=plan)
+        return r.sums, r.sq_norms
+
+    jax.eval_shape(run, _abstract(model.trainable_variables), _abstract(model.non_trainable_variables),
+                   _abstract(model.metrics_variables), _abstract(opt_vars), x, y, sw)
+
+
+def _settled_plan(model, data_batch):
+    """The plan after `discover` (weights read outside their layer fall back)."""
+    x, y, sw = data_batch
+    opt_vars = model.optimizer.variables if model.optimizer is not None else []
+    plan = build_plan(model)
+    _, outside = discover(model, plan, _abstract(model.trainable_variables),
+                          _abstract(model.non_trainable_variables), _abstract(model.metrics_variables),
+                          _abstract(opt_vars), _first(x), _first(y), _first(sw))
+    return (build_plan(model, exclude=outside) if outside else plan), len(outside)
+
+
+def choose_clipping(model, clipping, data_batch):
+    """("ghost" | "vectorized", reason) for fit(clipping=...)."""
+    if clipping == "vectorized":
+        return "vectorized", "requested"
+    try:
+        plan, num_outside = _settled_plan(model, data_batch)
+        fb, total = plan.describe(model)
+        if clipping == "auto":
+            if not plan.entries:
+                return "vectorized", "no trainable layer has a ghost rule"
+            if fb > AUTO_MAX_FALLBACK_FRACTION * total:
+                return "vectorized", (f"{fb} of {total} trainable parameters have no ghost rule "
+                                      f"(more than {AUTO_MAX_FALLBACK_FRACTION:.0%})")
+        check_traceable(model, data_batch, plan)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: use vmap
+        if clipping == "ghost":
+            raise ValueError(f"clipping='ghost' cannot handle this model: {type(e).__name__}: {e}. "
+                             "Use clipping='vectorized'.") from e
+        return "vectorized", f"ghost clipping could not trace the model ({type(e).__name__}: {e})"
+    ruled = sorted({type(e.layer).__name__ for e in plan.entries})
+    reason = f"rules for {', '.join(ruled) or 'no layer'}"
+    if fb:
+        reason += f"; {fb} of {total} parameters by per-example gradients"
+    if num_outside:
+        reason += f" ({num_outside} weight(s) read outside their layer's call, e.g. tied)"
+    return "ghost", reason
+
+
+def select_clipping(model, clipping, data_batch):
+    """Resolves fit(clipping=...) for `model` (JAX), stores it as
+    `model._dp_clipping`, resets the compiled step when it changes, and logs
+    the choice once."""
+    shapes = tree.map_structure(lambda t: (tuple(np.shape(t)), str(getattr(t, "dtype", ""))), data_batch)
+    key = repr((clipping, shapes, [(v.path, tuple(v.shape)) for v in model.trainable_variables]))
+    cached = model.__dict__.get("_dp_clipping_choice")
+    if cached is not None and cached[0] == key:
+        mode = cached[1]
+    else:
+        mode, reason = choose_clipping(model, clipping, data_batch)
+        if model.__dict__.get("_dp_clipping") != mode or cached is None:
+            logger.info("keras_dpsgd: clipping=%r uses %s clipping (%s).", clipping, mode, reason)
+        object.__setattr__(model, "_dp_clipping_choice", (key, mode))
+    if model.__dict__.get("_dp_clipping") != mode:
+        object.__setattr__(model, "_dp_clipping", mode)
+        model.train_function = None
+    return mode

@@ -1,0 +1,360 @@
+"""Ghost clipping (keras_dpsgd.ghost) equals the vectorized path: per-example
+norms, clipped sums, and a whole DP fit. JAX only."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import BACKEND
+
+if BACKEND != "jax":
+    pytest.skip("ghost clipping is the JAX fast path", allow_module_level=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+import keras_dpsgd  # noqa: E402
+from keras_dpsgd import clipping, ghost  # noqa: E402
+from keras_dpsgd.backend import jax as jax_backend  # noqa: E402
+
+
+def _compiled(inputs, outputs, loss="mse"):
+    model = keras_dpsgd.DPModel(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _both(model, x, y, mask=None, clip=1.0, sw=None, num_shards=None):
+    """(vectorized, ghost) dicts of per-example sq norms, clipped sums, losses."""
+    batch = jax.tree_util.tree_leaves(x)[0].shape[0]
+    mask = np.ones((batch,), bool) if mask is None else np.asarray(mask)
+    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+             [v.value for v in model.metrics_variables], [v.value for v in model.optimizer.variables])
+
+    def run(state, x, y, sw, mask):
+        tv, ntv, mv, ov = state
+        losses, _, grads, _ = jax_backend.per_example_grads(model, tv, ntv, mv, ov, x, y, sw)
+        sums, keep, nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=num_shards)
+        vec = dict(sq=clipping.per_example_sq_norms(grads), sums=sums, keep=keep, nonfinite=nonfinite,
+                   losses=losses)
+        r = ghost.clipped_sums(model, tv, ntv, mv, ov, x, y, sw, mask, clip, num_shards=num_shards)
+        gh = dict(sq=r.sq_norms, sums=r.sums, keep=r.keep, nonfinite=r.num_nonfinite, losses=r.losses)
+        return vec, gh
+
+    # Fast XLA compile options: these small programs are compile-bound on CPU.
+    compiled = jax.jit(run).lower(state, x, y, sw, mask).compile(_FAST_COMPILE)
+    return jax.tree_util.tree_map(np.asarray, compiled(state, x, y, sw, mask))
+
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _assert_match(model, x, y, rtol=1e-5, atol=1e-6, **kw):
+    vec, gh = _both(model, x, y, **kw)
+    keep = vec["keep"]
+    np.testing.assert_allclose(gh["sq"][keep], vec["sq"][keep], rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(gh["keep"], vec["keep"])
+    assert int(gh["nonfinite"]) == int(vec["nonfinite"])
+    for var, v, g in zip(model.trainable_variables, vec["sums"], gh["sums"]):
+        assert v.shape == g.shape, var.path
+        assert np.all(np.isfinite(g)), var.path
+        np.testing.assert_allclose(g, v, rtol=rtol, atol=atol, err_msg=var.path)
+    return vec, gh
+
+
+def _rng(seed=0):
+    keras.utils.set_random_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _branches(shapes, make_branches, dtypes=None):
+    """A model with one input per shape, each through its branch, summed to (B, 2)."""
+    inputs = [keras.Input(s, dtype=(dtypes or {}).get(i, "float32")) for i, s in enumerate(shapes)]
+    outs = [layers.Dense(2)(layers.Flatten()(layers.Activation("tanh")(make(i))))
+            for i, make in zip(inputs, make_branches)]
+    return _compiled(inputs, layers.Add()(outs) if len(outs) > 1 else outs[0])
+
+
+@pytest.fixture(params=["gram", "materialize"])
+def norm_method(request, monkeypatch):
+    monkeypatch.setattr(ghost, "NORM_METHOD", request.param)
+    return request.param
+
+
+# ------------------------------------------------------- norm forms alone
+
+
+@pytest.mark.parametrize("t,groups", [(1, 1), (5, 1), (4, 3)])
+def test_linear_norm_forms_equal_the_materialized_gradient(t, groups, norm_method):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, groups, t, 4)).astype("float32")
+    g = rng.normal(size=(3, groups, t, 6)).astype("float32")
+    want = np.einsum("bktd,bkte->bkde", a, g)
+    rep = ghost.LinearGrad(jnp.asarray(a), jnp.asarray(g), lambda s: s)
+    np.testing.assert_allclose(rep.sq_norm(), np.sum(want ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    c = np.array([0.5, 0.0, 2.0], "float32")
+    keep = np.array([True, False, True])
+    a[1] = np.nan  # a dropped row's NaN must not leak into the sum (I4)
+    rep = ghost.LinearGrad(jnp.asarray(a), jnp.asarray(g), lambda s: s)
+    rep.sq_norm()  # the materialized form is then reused for the sum
+    got = rep.clipped_sum(jnp.asarray(c), jnp.asarray(keep), 1)
+    np.testing.assert_allclose(got[0], np.einsum("b,bkde->kde", c[keep], want[keep]), rtol=1e-5)
+
+
+def test_embedding_norm_form_handles_repeated_ids():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 3, size=(4, 7)).astype("int32")
+    g = rng.normal(size=(4, 7, 5)).astype("float32")
+    dense = np.zeros((4, 3, 5), "float32")
+    for b in range(4):
+        np.add.at(dense[b], ids[b], g[b])
+    rep = ghost.EmbeddingGrad(jnp.asarray(ids), jnp.asarray(g), 3)
+    np.testing.assert_allclose(rep.sq_norm(), np.sum(dense ** 2, axis=(1, 2)), rtol=1e-5)
+    c = np.array([1.0, 0.5, 0.0, 0.25], "float32")
+    keep = np.array([True, True, False, True])
+    got = rep.clipped_sum(jnp.asarray(c), jnp.asarray(keep), 2)  # two shards of two rows
+    want = np.einsum("b,bvd->bvd", c * keep, dense).reshape(2, 2, 3, 5).sum(axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- rules
+
+
+EINSUMS = [
+    ("abc,cde->abde", (3, 5), (3, 2, 4), "de"),
+    ("...b,bc->...c", (2, 3, 5), (4,), "c"),
+    ("abcd,cde->abe", (3, 2, 5), (3, 4), "e"),
+    ("abc,bcd->ad", (3, 5), (4,), None),
+    ("btd,dnh->btnh", (4, 6), (4, 2, 3), "nh"),
+    ("btnh,nhd->btd", (4, 2, 3), (4, 6), "d"),
+    ("abc,cd->abd", (1, 5), (1, 4), "bd"),
+]
+
+
+def test_dense_and_einsum_dense():
+    """Vector inputs, sequences of length 1 and > 1, activations, every
+    einsum shape (positions, summed input axes, multi-axis kernels, ellipsis).
+    The norm form is chosen by cost: the (3, 12) -> 16 branch takes the Gram
+    form, the others materialize (both forms are also tested alone above)."""
+    rng = _rng(0)
+    shapes = [(5,), (1, 5), (4, 5), (3, 12)] + [e[1] for e in EINSUMS]
+    makes = [lambda i: layers.Dense(7, activation="relu")(i)] * 3 + [lambda i: layers.Dense(16)(i)] + [
+        lambda i, e=e: layers.EinsumDense(e[0], e[2], bias_axes=e[3], activation="relu")(i) for e in EINSUMS]
+    model = _branches(shapes, makes)
+    assert not ghost.build_plan(model).fallback
+    x = [rng.normal(size=(5,) + s).astype("float32") for s in shapes]
+    vec, _ = _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.5)
+    assert np.any(vec["sq"] > 0.25)  # some rows are clipped
+
+
+def test_embedding_with_repeated_ids_a_shared_table_and_shards():
+    rng = _rng(2)
+    emb = layers.Embedding(4, 5)  # 9 ids from 4 rows: repeats in every example
+    model = _branches([(9,), (9,), (1,)], [emb, emb, layers.Embedding(6, 3)],  # a table called twice
+                      dtypes={0: "int32", 1: "int32", 2: "int32"})
+    x = [rng.integers(0, 4, size=(6, 9)), rng.integers(-4, 4, size=(6, 9)),  # negative ids wrap
+         rng.integers(0, 6, size=(6, 1))]
+    x = [t.astype("int32") for t in x]
+    _assert_match(model, x, rng.normal(size=(6, 2)).astype("float32"), clip=0.3, num_shards=2)
+
+
+NORMS = [
+    (lambda: layers.LayerNormalization(), (4, 6)),
+    (lambda: layers.LayerNormalization(axis=[1, 2]), (4, 6)),
+    (lambda: layers.LayerNormalization(center=False), (6,)),
+    (lambda: layers.LayerNormalization(rms_scaling=True), (3, 6)),
+    (lambda: layers.GroupNormalization(groups=2), (4, 6)),
+    (lambda: layers.GroupNormalization(groups=3, axis=1), (6, 2, 2)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+def test_layer_and_group_normalization():
+    rng = _rng(3)
+    norms = [make() for make, _ in NORMS]
+    model = _branches([s for _, s in NORMS],
+                      [lambda i, n=n, s=s: n(layers.Dense(s[-1])(i)) for n, (_, s) in zip(norms, NORMS)])
+    for norm in norms:  # non-trivial gamma / beta
+        for v in norm.trainable_variables:
+            v.assign(rng.normal(size=v.shape).astype("float32"))
+    x = [rng.normal(size=(5,) + s).astype("float32") for _, s in NORMS]
+    _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.5)
+
+
+CONVS = [
+    (lambda: layers.Conv1D(4, 3, strides=2, padding="same"), (9, 3)),
+    (lambda: layers.Conv1D(4, 3, padding="causal", dilation_rate=2, groups=2), (8, 2)),
+    (lambda: layers.Conv2D(4, (3, 2), strides=(2, 1), groups=2), (7, 6, 2)),
+    (lambda: layers.Conv2D(6, 3, padding="same", dilation_rate=(1, 2), groups=3, activation="relu"),
+     (5, 6, 6)),
+    (lambda: layers.Conv2D(4, 2, data_format="channels_first", groups=2), (4, 5, 5)),
+    (lambda: layers.Conv3D(2, 2, strides=(1, 2, 1), padding="same"), (3, 4, 3, 2)),
+]
+
+
+def test_conv(norm_method):
+    """Strides, valid / same / causal padding, dilation, groups, both data
+    formats; norms on patches (Gram) or by per-example weight gradients."""
+    rng = _rng(4)
+    model = _branches([s for _, s in CONVS], [lambda i, m=m: m()(i) for m, _ in CONVS])
+    assert not ghost.build_plan(model).fallback
+    x = [rng.normal(size=(4,) + s).astype("float32") for _, s in CONVS]
+    _assert_match(model, x, rng.normal(size=(4, 2)).astype("float32"), clip=0.5)
+
+
+# ------------------------------------------------- models, masks, policies
+
+
+class Scale(layers.Layer):
+    """A layer with no ghost rule and its own weight."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def _transformer(vocab=11, seq=6, d=8, heads=2, dropout=0.0):
+    ids = keras.Input((seq,), dtype="int32")
+    h = layers.Embedding(vocab, d)(ids)
+    att = layers.MultiHeadAttention(heads, d // heads, dropout=dropout)(h, h)
+    h = layers.LayerNormalization()(h + att)
+    f = layers.Dense(2 * d, activation="gelu")(h)
+    h = layers.LayerNormalization()(h + layers.Dense(d)(f))
+    return ids, layers.Dense(3)(layers.GlobalAveragePooling1D()(h))
+
+
+def _sparse_ce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_mixed_ruled_and_unruled_layers_with_dropout_and_regularizer():
+    rng = _rng(5)
+    inputs = keras.Input((4, 5))
+    regularized = layers.Dense(6, kernel_regularizer=keras.regularizers.L2(0.1))
+    h = Scale()(regularized(inputs))
+    h = layers.Dropout(0.3)(layers.PReLU()(h))  # per-example dropout keys as on the vmap path
+    h = layers.SimpleRNN(3)(h)
+    model = _compiled(inputs, layers.Dense(2)(h), loss=_sparse_ce())
+    plan = ghost.build_plan(model)
+    tv = model.trainable_variables
+    fallback = {tv[i].path for i in plan.fallback}
+    assert fallback == {v.path for v in tv if "dense" not in v.path} | {regularized.kernel.path}
+    x = rng.normal(size=(6, 4, 5)).astype("float32")
+    _assert_match(model, x, rng.integers(0, 2, size=(6,)).astype("int32"), clip=0.4)
+
+
+class TiedOutput(layers.Layer):
+    """Reads an Embedding's table outside the Embedding's call (tied weights)."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return ops.matmul(h, ops.transpose(self.embedding.embeddings))
+
+
+def test_weights_read_outside_their_layer_fall_back():
+    rng = _rng(9)
+    ids = keras.Input((5,), dtype="int32")
+    emb = layers.Embedding(7, 4)
+    h = layers.Dense(4)(emb(ids))
+    model = _compiled(ids, TiedOutput(emb)(layers.GlobalAveragePooling1D()(h)), loss=_sparse_ce())
+    x = rng.integers(0, 7, size=(6, 5)).astype("int32")
+    y = rng.integers(0, 7, size=(6,)).astype("int32")
+    assert model.trainable_variables.index(emb.embeddings) not in ghost.build_plan(model).fallback
+    plan, num_outside = ghost._settled_plan(model, (x, y, None))
+    assert num_outside == 1 and model.trainable_variables.index(emb.embeddings) in plan.fallback
+    _assert_match(model, x, y, clip=0.3)  # clipped_sums finds it too
+
+
+def test_transformer_block_masked_and_nonfinite_rows_and_layers_restored():
+    rng = _rng(6)
+    ids, out = _transformer()
+    model = _compiled(ids, out, loss=_sparse_ce())
+    assert not ghost.build_plan(model).fallback  # every weight has a rule
+    dense = [layer for layer in model._flatten_layers() if type(layer) is layers.Dense]
+    activations = [layer.activation for layer in dense]
+    x = rng.integers(0, 11, size=(8, 6)).astype("int32")
+    y = rng.integers(0, 3, size=(8,)).astype("int32")
+    sw = np.ones((8,), "float32")
+    sw[2] = np.nan  # a real row whose gradient is NaN: dropped and counted
+    sw[6] = np.nan  # a padded row with a NaN gradient: dropped, not counted
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
+    _, gh = _assert_match(model, x, y, mask=mask, sw=sw, clip=0.2)
+    assert list(gh["keep"]) == [True, True, False, True, True, True, False, False]
+    assert int(gh["nonfinite"]) == 1
+    # The taps are gone after tracing: no instance `call`, activations restored.
+    assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
+    assert all(layer.activation is act for layer, act in zip(dense, activations))
+
+
+def test_bf16_policy_relaxed_tolerance():
+    rng = _rng(8)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = _branches(
+            [(6,), (6, 6, 2)],
+            [lambda i: layers.LayerNormalization()(layers.Dense(8)(layers.Embedding(11, 8)(i))),
+             lambda i: layers.GroupNormalization(groups=2)(layers.Conv2D(4, 3, padding="same")(i))],
+            dtypes={0: "int32"})
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = [rng.integers(0, 11, size=(6, 6)).astype("int32"), rng.normal(size=(6, 6, 6, 2)).astype("float32")]
+    vec, gh = _both(model, x, rng.normal(size=(6, 2)).astype("float32"), clip=0.5)
+    assert gh["sq"].dtype == np.float32 and all(s.dtype == np.float32 for s in gh["sums"])
+    np.testing.assert_allclose(gh["sq"], vec["sq"], rtol=3e-2)
+    scale = max(np.abs(v).max() for v in vec["sums"])
+    for var, v, g in zip(model.trainable_variables, vec["sums"], gh["sums"]):
+        np.testing.assert_allclose(g, v, rtol=5e-2, atol=1e-2 * scale, err_msg=var.path)
+
+
+# ------------------------------------------------------------- fit
+
+
+def _fit(clipping):
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((5,), dtype="int32")
+    h = layers.Dropout(0.2)(layers.Dense(8, activation="relu")(layers.Embedding(7, 4)(ids)))
+    model = keras_dpsgd.DPModel(ids, layers.Dense(3)(layers.Flatten()(h)))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_sparse_ce(), metrics=["accuracy"])
+    x = rng.integers(0, 7, size=(64, 5)).astype("int32")
+    y = rng.integers(0, 3, size=(64,)).astype("int32")
+    hist = model.fit(x, y, batch_size=10, epochs=1, steps_per_epoch=2, physical_batch_size=8,
+                     l2_norm_clip=0.5, noise_multiplier=1.1, seed=3, clipping=clipping, verbose=0)
+    return model, hist
+
+
+def test_fit_ghost_equals_vectorized():
+    vec, hv = _fit("vectorized")
+    gh, hg = _fit("ghost")
+    assert vec._dp_clipping == "vectorized" and gh._dp_clipping == "ghost"
+    for a, b in zip(vec.trainable_variables, gh.trainable_variables):
+        np.testing.assert_allclose(np.asarray(b.value), np.asarray(a.value), rtol=1e-4, atol=1e-4,
+                                   err_msg=a.path)
+    for k in ("loss", "accuracy"):
+        np.testing.assert_allclose(hg.history[k], hv.history[k], rtol=1e-4)
+
+
+def test_auto_picks_ghost_when_covered_and_vectorized_otherwise(caplog):
+    inputs = keras.Input((5,))
+    covered = _compiled(inputs, layers.Dense(2)(layers.Dense(4)(inputs)))
+    inputs = keras.Input((4, 5))
+    rnn = _compiled(inputs, layers.Dense(2)(layers.SimpleRNN(8)(inputs)))
+    for model, shape, want in ((covered, (8, 5), "ghost"), (rnn, (8, 4, 5), "vectorized")):
+        batch = (np.zeros(shape, "float32"), np.zeros((8, 2), "float32"), None)
+        with caplog.at_level("INFO", logger="keras_dpsgd"):
+            assert ghost.select_clipping(model, "auto", batch) == want
+            assert model._dp_clipping == want
+            ghost.select_clipping(model, "auto", batch)
+        assert caplog.text.count(f"uses {want} clipping") == 1  # logged once
+        caplog.clear()
+    assert ghost.select_clipping(rnn, "ghost", batch) == "ghost"  # the fallback still works
+    with pytest.raises(ValueError, match="clipping must be"):
+        covered.fit(np.zeros((8, 5)), np.zeros((8, 2)), batch_size=4, l2_norm_clip=1.0,
+                    noise_multiplier=1.0, clipping="fast")
