@@ -1,0 +1,169 @@
+"""Data-parallel scaling on k GPUs: keras-dpsgd vs non-private Keras (JAX).
+
+For each k in --gpus, one subprocess sees GPUs 0..k-1 (CUDA_VISIBLE_DEVICES)
+and runs, under keras.distribution.DataParallel over all k:
+- keras-dpsgd: `DPModel.fit` with Poisson sampling, expected logical batch
+  --logical-batch, physical batch --per-gpu * k (each GPU clips its own rows,
+  one all-reduce per logical step); throughput = real examples / wall time of
+  the logical steps after the first (which compiles);
+- non-private Keras: the jitted train step of `keras.Model` on a fixed global
+  batch of --per-gpu * k rows already on the devices (all-reduce every step);
+  throughput = batch / median step time after warm-up.
+Scaling efficiency = T_k / (k * T_1). Prints a table, writes JSON; with
+matplotlib installed also a PNG (efficiency and throughput vs GPUs).
+
+Usage (GPU machine):
+    python tools/bench_scaling.py --gpus 1,2,4 --model vit_b16 --logical-batch 8192
+    python tools/bench_scaling.py --tiny --gpus 1,2    # CPU, forced host devices
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def worker(args):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from tools import bench
+
+    jax, keras, counter = bench.jax_setup(args)
+    import numpy as np
+
+    import keras_dpsgd
+
+    k = len(jax.devices())
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+    spec = bench.model_spec(args.model, args.tiny)
+    rec = {"gpus": k, "model": args.model, "device": bench.jax_device(jax), "per_gpu": args.per_gpu}
+    phys = args.per_gpu * k
+    xb, yb = bench.make_data(spec, max(phys, 256), "nhwc")
+
+    # Non-private: jitted stateless step on a fixed global batch.
+    base = bench.build_keras_model(args.model, spec)
+    base.compile(optimizer=keras.optimizers.SGD(0.01),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    base.fit(xb[:phys], yb[:phys], batch_size=phys, epochs=1, verbose=0)  # builds and compiles
+    from keras.src.backend.jax.trainer import _distribute_data
+
+    data = _distribute_data((xb[:phys], yb[:phys]))
+    state = base._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                optimizer_variables=True, metrics_variables=True)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        logs, state = base.train_function(state, iter([data]))
+        jax.block_until_ready(state[0])
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    rec["nonprivate_examples_per_s"] = phys / statistics.median(times)
+    del base, state
+
+    # keras-dpsgd: Poisson fit with one all-reduce per logical step.
+    keras.utils.set_random_seed(0)
+    model = keras_dpsgd.make_private(bench.build_keras_model(args.model, spec))
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    n = int(args.logical_batch / args.sampling_rate)
+    x_all = bench.SyntheticRows(n, xb)
+    y_all = np.random.default_rng(1).integers(0, spec["classes"], size=(n,), dtype=np.int32)
+    timer = bench.FitTimer(jax, counter)
+    model.fit(x_all, y_all, batch_size=args.logical_batch, epochs=1, steps_per_epoch=args.logical_steps,
+              l2_norm_clip=1.0, noise_multiplier=1.0, physical_batch_size=phys, seed=0, verbose=0,
+              callbacks=[timer], **({"clipping": args.clipping} if args.clipping else {}))
+    from keras_dpsgd import sampling
+
+    sampler = sampling.PoissonSampler(n, args.logical_batch / n, model.optimizer.config_values()["sampler_seed_words"])
+    sizes = [len(sampler.sample(t)) for t in range(len(timer.times))]
+    steady = list(zip(sizes, timer.times))[1:]
+    rec["dp_examples_per_s"] = sum(s for s, _ in steady) / sum(t for _, t in steady)
+    rec["dp_step_s"] = [round(t, 3) for t in timer.times]
+    rec["dp_logical_sizes"] = sizes
+    rec["dp_physical_batch"] = phys
+    rec["dp_shards"] = model.optimizer.num_shards
+    rec["compiles"] = counter.summary()
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpus", default="1,2,4")
+    p.add_argument("--model", default="vit_b16")
+    p.add_argument("--per-gpu", type=int, default=64, help="physical rows per GPU")
+    p.add_argument("--logical-batch", type=float, default=8192.0, help="expected logical batch q*N")
+    p.add_argument("--sampling-rate", type=float, default=0.5, help="q (sets N)")
+    p.add_argument("--logical-steps", type=int, default=3, help="the first one (compile) is not timed")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32")
+    p.add_argument("--clipping", default=None)
+    p.add_argument("--tiny", action="store_true", help="small model on forced CPU devices")
+    p.add_argument("--jax-cache-dir", default=None)
+    p.add_argument("--json", default="out/scaling.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    results = []
+    for k in [int(g) for g in args.gpus.split(",")]:
+        env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        if args.tiny:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={k}"
+            env["JAX_PLATFORMS"] = "cpu"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(k))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + [a for a in (argv or sys.argv[1:])]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            results.append({"gpus": k, "error": (proc.stderr or proc.stdout)[-2000:]})
+            print(f"{k} GPU(s): FAILED\n{results[-1]['error']}", flush=True)
+            continue
+        r = json.loads(lines[-1][7:])
+        r["wall_s"] = time.perf_counter() - t
+        results.append(r)
+        print(f"{k} GPU(s) done in {r['wall_s']:.0f} s", flush=True)
+    ok = [r for r in results if "error" not in r]
+    one = next((r for r in ok if r["gpus"] == 1), None)
+    print(f"\n{'GPUs':>4} {'DP ex/s':>10} {'DP eff':>7} {'non-priv ex/s':>14} {'non-priv eff':>12}  device")
+    for r in ok:
+        if one:
+            r["dp_efficiency"] = r["dp_examples_per_s"] / (r["gpus"] * one["dp_examples_per_s"])
+            r["nonprivate_efficiency"] = r["nonprivate_examples_per_s"] / (r["gpus"] * one["nonprivate_examples_per_s"])
+        print(f"{r['gpus']:>4} {r['dp_examples_per_s']:>10.1f} {r.get('dp_efficiency', float('nan')):>7.3f} "
+              f"{r['nonprivate_examples_per_s']:>14.1f} {r.get('nonprivate_efficiency', float('nan')):>12.3f}  {r['device']}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if ok and one:
+            fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+            g = [r["gpus"] for r in ok]
+            ax[0].plot(g, [r["dp_efficiency"] for r in ok], "o-", label="keras-dpsgd (Poisson, masked)")
+            ax[0].plot(g, [r["nonprivate_efficiency"] for r in ok], "s--", label="Keras, not private")
+            ax[0].set(xlabel="GPUs", ylabel="scaling efficiency T_k / (k T_1)", ylim=(0, 1.05), xticks=g)
+            ax[0].legend(fontsize=8)
+            ax[1].plot(g, [r["dp_examples_per_s"] for r in ok], "o-", label="keras-dpsgd")
+            ax[1].plot(g, [r["nonprivate_examples_per_s"] for r in ok], "s--", label="Keras, not private")
+            ax[1].set(xlabel="GPUs", ylabel="examples / s", xticks=g)
+            fig.suptitle(f"{args.model}, {args.per_gpu} rows per GPU, logical batch {args.logical_batch:g}")
+            fig.tight_layout()
+            fig.savefig(os.path.splitext(args.json)[0] + ".png", dpi=120)
+    except ImportError:
+        pass
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
