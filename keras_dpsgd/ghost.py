@@ -49,6 +49,7 @@ from keras import ops
 from keras import tree
 
 from keras_dpsgd import clipping
+from keras_dpsgd.backend import common
 
 logger = logging.getLogger("keras_dpsgd")
 
@@ -713,29 +714,6 @@ class GhostResult(NamedTuple):
     sq_norms: object        # float32 (B,) per-example squared gradient norms
 
 
-def _per_example_state(model, non_trainable, batch):
-    # Same per-example seed states as backend.jax.per_example_grads, so random
-    # layers draw identically on both paths.
-    from keras_dpsgd.backend import jax as jax_backend
-
-    seed_pos = set(jax_backend._seed_state_positions(model))
-    per_ex, axes = [], []
-    for i, v in enumerate(non_trainable):
-        if i in seed_pos:
-            per_ex.append(jax.vmap(lambda k, s=v: jax.random.fold_in(s, k))(jnp.arange(batch)))
-            axes.append(0)
-        else:
-            per_ex.append(v)
-            axes.append(None)
-    new = [v + jnp.array([0, 1], dtype=v.dtype) if i in seed_pos else v
-           for i, v in enumerate(non_trainable)]
-    return per_ex, axes, new
-
-
-def _add_batch_axis(a):
-    return None if a is None else tree.map_structure(lambda t: t[None], a)
-
-
 def _first(a):
     return None if a is None else tree.map_structure(lambda t: t[0], a)
 
@@ -745,7 +723,7 @@ def _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi):
     the vectorized path (batch of one), with the taps in place."""
     with tapper:
         loss, (unscaled, y_pred, _, _) = model.compute_loss_and_updates(
-            tv, ntv, metrics_vars, _add_batch_axis(xi), _add_batch_axis(yi), _add_batch_axis(swi),
+            tv, ntv, metrics_vars, common.add_batch_axis(xi), common.add_batch_axis(yi), common.add_batch_axis(swi),
             training=True, optimizer_variables=optimizer_vars)
     return loss, (unscaled, tree.map_structure(lambda a: a[0], y_pred))
 
@@ -795,7 +773,9 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     """
     plan = plan or build_plan(model)
     batch = jax.tree_util.tree_leaves(x)[0].shape[0]
-    per_ex_ntv, ntv_axes, new_ntv = _per_example_state(model, non_trainable, batch)
+    from keras_dpsgd.backend import jax as jax_backend  # the same per-example keys as the vectorized path
+
+    per_ex_ntv, ntv_axes, new_ntv = jax_backend.per_example_seed_states(model, non_trainable, batch)
     trainable = list(trainable)
 
     # Discovery: tapped shapes, and ruled weights read outside their layer

@@ -13,6 +13,7 @@ import numpy as np
 from keras import tree
 
 from keras_dpsgd import clipping
+from keras_dpsgd.backend import common
 
 
 def _key(seed_words):
@@ -71,10 +72,27 @@ def agree_on_seed(words):
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(words)))
 
 
-def _seed_state_positions(model):
-    # Keras' SeedGenerator state (dropout and other random layers).
-    return [i for i, v in enumerate(model.non_trainable_variables)
-            if v.name == "seed_generator_state"]
+def per_example_seed_states(model, non_trainable, batch):
+    """Per-example keys for random layers, and the state after this batch.
+
+    vmap does not batch the SeedGenerator states, so every example would
+    share one dropout mask (a verified pitfall): example i gets
+    fold_in(state, i). Each state then advances once per physical batch.
+    Returns (per-example non-trainable values, their vmap in_axes, new state).
+    """
+    seed_pos = set(common.seed_state_positions(model))
+    per_example, axes = [], []
+    for i, v in enumerate(non_trainable):
+        if i in seed_pos:
+            per_example.append(jax.vmap(lambda k, s=v: jax.random.fold_in(s, k))(jnp.arange(batch)))
+            axes.append(0)
+        else:
+            per_example.append(v)
+            axes.append(None)
+    # Other non-trainable state is not updated by private training.
+    new = [v + jnp.array([0, 1], dtype=v.dtype) if i in seed_pos else v
+           for i, v in enumerate(non_trainable)]
+    return per_example, axes, new
 
 
 def per_example_grads(model, trainable, non_trainable, metrics_vars, optimizer_vars,
@@ -87,23 +105,10 @@ def per_example_grads(model, trainable, non_trainable, metrics_vars, optimizer_v
     the advanced non-trainable state.
     """
     batch = jax.tree_util.tree_leaves(x)[0].shape[0]
-    seed_pos = set(_seed_state_positions(model))
-
-    per_ex_ntv = []
-    ntv_axes = []
-    for i, v in enumerate(non_trainable):
-        if i in seed_pos:
-            per_ex_ntv.append(jax.vmap(lambda k, s=v: jax.random.fold_in(s, k))(jnp.arange(batch)))
-            ntv_axes.append(0)
-        else:
-            per_ex_ntv.append(v)
-            ntv_axes.append(None)
+    per_ex_ntv, ntv_axes, new_ntv = per_example_seed_states(model, non_trainable, batch)
 
     def one(tv, ntv, xi, yi, swi):
-        def add_batch_axis(a):
-            return None if a is None else tree.map_structure(lambda t: t[None], a)
-
-        xb, yb, swb = add_batch_axis(xi), add_batch_axis(yi), add_batch_axis(swi)
+        xb, yb, swb = common.add_batch_axis(xi), common.add_batch_axis(yi), common.add_batch_axis(swi)
         loss, (unscaled, y_pred, _, _) = model.compute_loss_and_updates(
             tv, ntv, metrics_vars, xb, yb, swb, training=True,
             optimizer_variables=optimizer_vars)
@@ -112,11 +117,6 @@ def per_example_grads(model, trainable, non_trainable, metrics_vars, optimizer_v
     grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True),
                        in_axes=(None, ntv_axes, 0, 0, 0))
     (_, (losses, y_pred)), grads = grad_fn(trainable, per_ex_ntv, x, y, sample_weight)
-
-    # Advance each seed state once per physical batch (fresh keys next time);
-    # other non-trainable state is not updated by private training.
-    new_ntv = [v + jnp.array([0, 1], dtype=v.dtype) if i in seed_pos else v
-               for i, v in enumerate(non_trainable)]
     return losses, y_pred, grads, new_ntv
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import tree
 
 from keras_dpsgd import clipping
+from keras_dpsgd.backend import common
 
 
 def _seed(seed_words):
@@ -53,29 +54,6 @@ def _quiet_expected_pfor_fallback():
         logger.removeFilter(quiet)
 
 
-def _seed_state_positions(model):
-    # Keras' SeedGenerator state (dropout and other random layers).
-    return [i for i, v in enumerate(model.non_trainable_variables)
-            if v.name == "seed_generator_state"]
-
-
-def _example_loss(model, trainable, non_trainable, metrics_vars, x, y, sample_weight):
-    """Loss and prediction of a batch, statelessly (Keras' JAX
-    `compute_loss_and_updates`, which the TF trainer lacks)."""
-    kwargs = {"training": True} if model._call_has_training_arg else {}
-    y_pred, _, losses = model.stateless_call(
-        trainable, non_trainable, x, return_losses=True, **kwargs)
-    if losses:
-        model._losses_override.clear()
-        model._losses_override = losses
-    loss, _ = model.stateless_compute_loss(
-        trainable, non_trainable, metrics_vars, x=x, y=y, y_pred=y_pred,
-        sample_weight=sample_weight, training=True)
-    if losses:
-        model._losses_override.clear()
-    return loss, y_pred
-
-
 def per_example_grads(model, x, y, sample_weight):
     """Per-example losses (B,), predictions and gradients ((B, *w.shape) each).
 
@@ -88,7 +66,7 @@ def per_example_grads(model, x, y, sample_weight):
     non_trainable = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
     metrics_vars = [tf.convert_to_tensor(v.value) for v in model.metrics_variables]
     batch = tf.shape(tree.flatten(x)[0])[0]
-    seed_pos = _seed_state_positions(model)
+    seed_pos = common.seed_state_positions(model)
     example_seeds = []
     for i in seed_pos:
         state = non_trainable[i]
@@ -99,16 +77,13 @@ def per_example_grads(model, x, y, sample_weight):
     def one(args):
         xi, yi, swi, seeds = args["x"], args.get("y"), args.get("sw"), args["seeds"]
 
-        def add_batch_axis(a):
-            return None if a is None else tree.map_structure(lambda t: t[None], a)
-
         ntv = list(non_trainable)
         for i, s in zip(seed_pos, seeds):
             ntv[i] = s
         with tf.GradientTape() as tape:
             tape.watch(trainable)
-            loss, y_pred = _example_loss(model, trainable, ntv, metrics_vars, add_batch_axis(xi),
-                                         add_batch_axis(yi), add_batch_axis(swi))
+            loss, y_pred = common.stateless_loss(model, trainable, ntv, metrics_vars, common.add_batch_axis(xi),
+                                         common.add_batch_axis(yi), common.add_batch_axis(swi))
         grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, tree.map_structure(lambda a: a[0], y_pred), grads
 

@@ -17,6 +17,7 @@ from keras import tree
 from keras.src.backend.torch.core import get_device
 
 from keras_dpsgd import clipping
+from keras_dpsgd.backend import common
 
 
 def _as_int(value):
@@ -57,29 +58,6 @@ def _vmappable_keras_ops():
         keras_torch_nn._maybe_convert_to_channels_last = original
 
 
-def _seed_state_positions(model):
-    # Keras' SeedGenerator state (dropout and other random layers).
-    return [i for i, v in enumerate(model.non_trainable_variables)
-            if v.name == "seed_generator_state"]
-
-
-def _loss(model, trainable, non_trainable, metrics_vars, x, y, sample_weight):
-    """Loss and prediction of a batch, statelessly (Keras' JAX
-    `compute_loss_and_updates`, which the torch trainer lacks)."""
-    kwargs = {"training": True} if model._call_has_training_arg else {}
-    y_pred, _, losses = model.stateless_call(
-        trainable, non_trainable, x, return_losses=True, **kwargs)
-    if losses:
-        model._losses_override.clear()
-        model._losses_override = losses
-    loss, _ = model.stateless_compute_loss(
-        trainable, non_trainable, metrics_vars, x=x, y=y, y_pred=y_pred,
-        sample_weight=sample_weight, training=True)
-    if losses:
-        model._losses_override.clear()
-    return loss, y_pred
-
-
 def per_example_grads(model, x, y, sample_weight):
     """Per-example losses (B,), predictions and gradients ((B, *w.shape) each).
 
@@ -92,12 +70,9 @@ def per_example_grads(model, x, y, sample_weight):
     non_trainable = [v.value.detach() for v in model.non_trainable_variables]
     metrics_vars = [v.value.detach() for v in model.metrics_variables]
 
-    def add_batch_axis(a):
-        return None if a is None else tree.map_structure(lambda t: t[None], a)
-
     def one(tv, xi, yi, swi):
-        loss, y_pred = _loss(model, tv, non_trainable, metrics_vars, add_batch_axis(xi),
-                             add_batch_axis(yi), add_batch_axis(swi))
+        loss, y_pred = common.stateless_loss(model, tv, non_trainable, metrics_vars, common.add_batch_axis(xi),
+                             common.add_batch_axis(yi), common.add_batch_axis(swi))
         return loss, (loss.detach(), tree.map_structure(lambda a: a[0].detach(), y_pred))
 
     in_dims = (None, 0, None if y is None else 0, None if sample_weight is None else 0)
@@ -106,7 +81,7 @@ def per_example_grads(model, x, y, sample_weight):
     with _vmappable_keras_ops():
         grads, (losses, y_pred) = grad_fn(trainable, x, y, sample_weight)
     with torch.no_grad():
-        for i in _seed_state_positions(model):
+        for i in common.seed_state_positions(model):
             v = model.non_trainable_variables[i]
             v.assign(v.value + torch.tensor([0, 1], dtype=v.value.dtype, device=v.value.device))
     return losses, y_pred, grads
