@@ -202,6 +202,10 @@ def test_one_fit_traces_the_step_once():
         assert len(traces) >= 8  # eager: one Python call per physical batch
     else:
         assert len(traces) == 1
+        # A second fit reuses the traced step (same physical shape).
+        model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=2, l2_norm_clip=1.0,
+                  noise_multiplier=1.0, physical_batch_size=8, verbose=0)
+        assert len(traces) == 1
 
 
 def test_gaussian_noise_is_a_pure_function_of_seed_step_and_index():

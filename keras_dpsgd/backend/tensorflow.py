@@ -170,13 +170,18 @@ def use_xla(model):
 
 
 class Runner:
-    """Feeds physical batches to one tf.function, made once per fit and
-    traced once for the fixed physical shape."""
+    """Feeds physical batches to one tf.function, traced once for the fixed
+    physical shape. The function is kept in `model.train_function` (which
+    `compile()` resets), so later fits reuse the trace."""
 
     def __init__(self, model):
         self.model = model
         self._calls = 0
-        self._make_function(use_xla(model))
+        cached = getattr(model, "train_function", None)
+        if getattr(cached, "_keras_dpsgd_step", False):
+            self.function, self.jit_compile = cached, cached._keras_dpsgd_jit
+        else:
+            self._make_function(use_xla(model))
 
     def _make_function(self, jit):
         model = self.model
@@ -186,6 +191,9 @@ class Runner:
 
         self.jit_compile = jit
         self.function = tf.function(step, jit_compile=jit, reduce_retracing=True)
+        self.function._keras_dpsgd_step = True
+        self.function._keras_dpsgd_jit = jit
+        model.train_function = self.function
 
     def begin_epoch(self):
         pass
