@@ -1,0 +1,36 @@
+"""A randomly initialised keras-hub backbone trains with DP (the `hub` extra)."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_dpsgd
+from keras_dpsgd import accounting
+
+keras_hub = pytest.importorskip("keras_hub")
+
+
+def test_small_bert_backbone_trains_with_dp_through_make_private():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
+                                             intermediate_dim=32, max_sequence_length=12)
+    inputs = {name: keras.Input((12,), dtype="int32", name=name)
+              for name in ("token_ids", "segment_ids", "padding_mask")}
+    classifier = keras.Model(inputs, keras.layers.Dense(2)(backbone(inputs)["pooled_output"]))
+    model = keras_dpsgd.make_private(classifier)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    n = 96
+    x = {"token_ids": rng.integers(1, 50, (n, 12)).astype("int32"),
+         "segment_ids": np.zeros((n, 12), "int32"), "padding_mask": np.ones((n, 12), "int32")}
+    y = (x["token_ids"][:, 0] > 25).astype("int32")
+    before = [np.array(ops.convert_to_numpy(v)) for v in backbone.trainable_variables]
+    hist = model.fit(x, y, batch_size=24, epochs=1, steps_per_epoch=3, l2_norm_clip=1.0,
+                     noise_multiplier=0.8, physical_batch_size=16, seed=0, verbose=0)
+    after = [np.array(ops.convert_to_numpy(v)) for v in backbone.trainable_variables]
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 3
+    assert np.isfinite(hist.history["loss"][0])
+    assert hist.history["epsilon"][0] == pytest.approx(accounting.epsilon(0.25, 0.8, 3, 1 / 960), rel=1e-5)
+    assert sum(not np.allclose(a, b) for a, b in zip(before, after)) >= len(before) // 2
