@@ -90,3 +90,14 @@ def test_two_processes_on_localhost_agree_with_each_other_and_with_one_process(s
     np.testing.assert_array_equal(a["flat"], b["flat"])
     c, d = run_two_processes(seed=3)  # the seed of the single-device reference
     np.testing.assert_allclose(c["flat"], single[1.0]["flat"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_dp_step_compiles_once_under_data_parallel(devices):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", KERAS_BACKEND="jax",
+               PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.compile_count_worker", str(devices)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    assert int(line.split()[1]) == 1

@@ -194,6 +194,12 @@ class Runner:
                 trainable_variables=True, non_trainable_variables=True,
                 optimizer_variables=True, metrics_variables=True,
                 purge_model_variables=True)
+            if _data_parallel()[0] is not None:
+                # Commit the state to its shardings: the step's outputs are
+                # committed, and uncommitted inputs on the first call would
+                # otherwise compile the step a second time (seen on 1 GPU).
+                self.state = jax.tree_util.tree_map(
+                    lambda a: jax.device_put(a, a.sharding), self.state)
             m._jax_state_synced = False
         logs, self.state = m.train_function(self.state, iter([data]))
         tv, ntv, ov, mv = self.state
