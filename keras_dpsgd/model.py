@@ -146,8 +146,9 @@ class DPModel(keras.Model):
                 steps spend it, and fit stops before exceeding it.
             target_delta: delta in (0, 1). Default 1/(10 N).
             physical_batch_size: rows per compiled step (memory knob; the
-                result does not depend on it). Default min(batch_size, 128)
-                rounded up to a multiple of 8.
+                result does not depend on it). Default: room for the batch
+                size's upper tail, batch_size + 2 sd rounded up to a multiple
+                of 8, at most 128 (e.g. 80 for an expected batch of 64).
             seed: int for reproducible sampling and noise (experiments only;
                 not for production). Default None: OS entropy. Only the first
                 fit of a model sets it; later fits continue the same streams.
@@ -190,8 +191,10 @@ class DPModel(keras.Model):
                                    physical_batch_size, batch_size, n)
         q = float(batch_size) / n
         if physical_batch_size is None:
-            physical_batch_size = min(int(math.ceil(batch_size)), 128)
-            physical_batch_size = int(8 * math.ceil(physical_batch_size / 8))
+            # Room for the Binomial's upper tail (mean + 2 sd), so most logical
+            # steps fit one physical batch instead of a second, mostly padded one.
+            tail = batch_size + 2.0 * math.sqrt(batch_size * (1.0 - q))
+            physical_batch_size = min(int(8 * math.ceil(tail / 8)), 128)
         physical_batch_size = int(physical_batch_size)
         shards = dp_backend.num_data_shards()
         if physical_batch_size % shards:
