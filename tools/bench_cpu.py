@@ -42,6 +42,12 @@ Where `DPModel.fit` has `clipping=`, each implementation ("vectorized",
 
 Usage:
     KERAS_BACKEND=jax python tools/bench_cpu.py [--batch 64] [--steps 50] [--json out.json]
+    KERAS_BACKEND=jax python tools/bench_cpu.py --sampler-scale [--scale-steps 30] [--json out.json]
+
+`--sampler-scale` measures something else: the share of DPModel.fit time
+spent in Poisson sampling and in gathering rows, on a 10 M-example
+memory-mapped training set written under /tmp and deleted at the end (see
+`sampler_scale()`).
 
 `--backend` sets KERAS_BACKEND before Keras is imported. JAX is the supported
 backend; on another backend the script measures what it can, or prints
@@ -77,6 +83,18 @@ def parse_args(argv=None):
                    help="DP clipping implementation(s) to time, where fit() has clipping= (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--sampler-scale", action="store_true",
+                   help="instead: time Poisson sampling and gathering in fit() on a 10 M-example "
+                        "memory-mapped training set under /tmp (see sampler_scale())")
+    p.add_argument("--scale-n", type=int, default=10_000_000, help="--sampler-scale: training-set size N")
+    p.add_argument("--scale-batch", type=int, default=1024, help="--sampler-scale: expected logical batch")
+    p.add_argument("--scale-physical", type=int, default=1152,
+                   help="--sampler-scale: physical batch (default E[B] + 4 sd, so ~1 physical batch per step)")
+    p.add_argument("--scale-steps", type=int, default=30, help="--sampler-scale: logical steps per timed fit")
+    p.add_argument("--scale-dir", default="/tmp", help="--sampler-scale: where the memmap files go")
+    p.add_argument("--scale-hidden", type=int, default=256, help="--sampler-scale: MLP width")
+    p.add_argument("--scale-hidden-layers", type=int, default=0,
+                   help="--sampler-scale: hidden Dense layers (0: a single Dense(10) layer)")
     return p.parse_args(argv)
 
 
@@ -390,5 +408,216 @@ def main():
     return result
 
 
+class _Intervals:
+    """Wraps `cls.name` so that every call on a thread other than the main one
+    (or on any thread, with main_too) appends its (start, end) to a list."""
+
+    def __init__(self, cls, name, main_too=False):
+        self.cls, self.name, self.main_too = cls, name, main_too
+        self.spans = []
+
+    def __enter__(self):
+        import threading
+        self._orig = orig = getattr(self.cls, self.name)
+        spans, main_too, main = self.spans, self.main_too, threading.main_thread()
+
+        def wrapped(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                if main_too or threading.current_thread() is not main:
+                    spans.append((t0, time.perf_counter()))
+
+        setattr(self.cls, self.name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.cls, self.name, self._orig)
+
+    def total(self):
+        return sum(b - a for a, b in self.spans)
+
+
+def _overlap(spans, others):
+    """Seconds of `spans` that lie inside the union of `others` (both lists of (start, end))."""
+    others = sorted(others)
+    total = 0.0
+    for a, b in spans:
+        for c, d in others:
+            if c >= b:
+                break
+            total += max(0.0, min(b, d) - max(a, c))
+    return total
+
+
+def _evict(path):
+    """Drop the file's pages from the OS page cache (Linux; no root needed), so the next
+    gathers read from disk. Best effort: returns False where posix_fadvise is missing."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def sampler_scale():
+    """--sampler-scale: the cost of Poisson sampling and of gathering rows in
+    DPModel.fit on a large memory-mapped training set.
+
+    Writes N x 16 float16 features and N int32 labels with
+    np.lib.format.open_memmap under --scale-dir (N = 10 M: 320 MB + 40 MB),
+    reopens them read-only (mmap_mode="r"), and trains a tiny DPModel
+    (Dense(10) on the 16 features) with expected batch --scale-batch. A first
+    fit of 3 logical steps compiles; then two timed fits of --scale-steps
+    logical steps each: "cold" after the files' pages were evicted from the
+    page cache (posix_fadvise DONTNEED), "warm" right after (pages of the
+    rows touched so far are cached, most rows are not).
+
+    PoissonSampler.sample, RandomAccessData.take and the Runner's prepare are
+    wrapped with timers. In fit they run on BatchFeeder's background thread,
+    ahead of the train step; the main thread's wait for the next physical
+    batch (BatchFeeder.logical_batch's queue) is timed too: that is the part
+    of sampling + gathering that does not overlap the step. The files are
+    deleted at the end."""
+    from keras_dpsgd import sampling
+
+    n, eb, p, steps = args.scale_n, args.scale_batch, args.scale_physical, args.scale_steps
+    xpath = os.path.join(args.scale_dir, f"bench_cpu_scale_x_{os.getpid()}.npy")
+    ypath = os.path.join(args.scale_dir, f"bench_cpu_scale_y_{os.getpid()}.npy")
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        xw = np.lib.format.open_memmap(xpath, mode="w+", dtype=np.float16, shape=(n, 16))
+        yw = np.lib.format.open_memmap(ypath, mode="w+", dtype=np.int32, shape=(n,))
+        rng = np.random.default_rng(args.seed)
+        chunk = 1_000_000
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            xw[i:i + m] = rng.standard_normal((m, 16), dtype=np.float32).astype(np.float16)
+            yw[i:i + m] = rng.integers(0, 10, size=m, dtype=np.int32)
+        xw.flush(), yw.flush()
+        del xw, yw
+        write_s = time.perf_counter() - t0
+        x = np.load(xpath, mmap_mode="r")
+        y = np.load(ypath, mmap_mode="r")
+        size_mb = (os.path.getsize(xpath) + os.path.getsize(ypath)) / 1e6
+        print(f"bench_cpu --sampler-scale: backend {BACKEND}, keras {keras.__version__}, numpy {np.__version__}, "
+              f"{os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}")
+        print(f"memmap: x {x.shape} {x.dtype}, y {y.shape} {y.dtype}, {size_mb:.0f} MB under {args.scale_dir} "
+              f"(written in {write_s:.1f} s); type {type(x).__name__}")
+
+        keras.utils.set_random_seed(args.seed)
+        inputs = keras.Input((16,))
+        h = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32"))(inputs)
+        for _ in range(args.scale_hidden_layers):
+            h = keras.layers.Dense(args.scale_hidden, activation="relu")(h)
+        model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(10)(h))
+        model.compile(optimizer=keras.optimizers.SGD(0.05),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        kw = dict(batch_size=eb, epochs=1, l2_norm_clip=1.0, noise_multiplier=args.noise_multiplier,
+                  physical_batch_size=p, verbose=0)
+        t0 = time.perf_counter()
+        model.fit(x, y, steps_per_epoch=3, seed=args.seed, **kw)  # builds, configures, compiles
+        print(f"first fit (3 logical steps, compiles): {time.perf_counter() - t0:.1f} s")
+
+        runner_cls = dp_backend.impl.Runner
+        for label in ("cold", "warm"):
+            evicted = _evict(xpath) and _evict(ypath) if label == "cold" else False
+            wait_spans = []
+            orig_lb = sampling.BatchFeeder.logical_batch
+
+            def logical_batch(feeder, step, _orig=orig_lb, _spans=wait_spans):
+                it = _orig(feeder, step)
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        return
+                    finally:
+                        _spans.append((t0, time.perf_counter()))
+                    yield batch
+
+            sampling.BatchFeeder.logical_batch = logical_batch
+            try:
+                with _Intervals(sampling.PoissonSampler, "sample") as ts, \
+                        _Intervals(sampling.RandomAccessData, "take") as tg, \
+                        _Intervals(runner_cls, "run", main_too=True) as tr, \
+                        (_Intervals(runner_cls, "prepare") if hasattr(runner_cls, "prepare")
+                         else _Intervals(_Null, "f")) as tp:
+                    t0 = time.perf_counter()
+                    model.fit(x, y, steps_per_epoch=steps, **kw)
+                    fit_s = time.perf_counter() - t0
+            finally:
+                sampling.BatchFeeder.logical_batch = orig_lb
+            # The feeder draws ahead (a few logical steps past the last trained one, abandoned at
+            # close): per logical step = time of the calls made / sample calls made (one per step).
+            s_sp, g_sp = ts.spans, tg.spans
+            host = s_sp + g_sp + tp.spans
+            per = max(len(s_sp), 1)
+            r = {
+                "cache": label, "evicted": evicted, "N": n, "expected_batch": eb, "physical_batch": p,
+                "logical_steps": steps, "physical_batches": len(tr.spans), "fit_s": fit_s,
+                "ms_per_step": 1e3 * fit_s / steps,
+                "sample_calls": len(ts.spans), "sample_ms_per_step": 1e3 * sum(b - a for a, b in s_sp) / per,
+                "sample_ms_min": 1e3 * min((b - a for a, b in s_sp), default=0.0),
+                "take_calls": len(tg.spans), "take_ms_per_step": 1e3 * sum(b - a for a, b in g_sp) / per,
+                "prepare_ms_per_step": 1e3 * tp.total() / per,
+                "run_ms_per_step": 1e3 * tr.total() / steps,
+                "main_wait_ms_per_step": 1e3 * sum(b - a for a, b in wait_spans) / steps,
+                "feeder_overlap_with_run": (_overlap(host, tr.spans) / max(sum(b - a for a, b in host), 1e-12)),
+            }
+            host_ms = r["sample_ms_per_step"] + r["take_ms_per_step"] + r["prepare_ms_per_step"]
+            r["feeder_ms_per_step"] = host_ms
+            r["hidden_fraction"] = max(0.0, 1.0 - r["main_wait_ms_per_step"] / host_ms) if host_ms else None
+            r["sample_pct"] = 100 * r["sample_ms_per_step"] / r["ms_per_step"]
+            r["take_pct"] = 100 * r["take_ms_per_step"] / r["ms_per_step"]
+            rows.append(r)
+    finally:
+        for path in (xpath, ypath):
+            if os.path.exists(path):
+                os.remove(path)
+        print(f"deleted {xpath} and {ypath}: {not os.path.exists(xpath) and not os.path.exists(ypath)}")
+
+    print()
+    hdr = (f"{'cache':<6} {'N':>11} {'E[B]':>6} {'ms/step':>8} {'ms sample':>10} {'% sample':>9} {'ms gather':>10} "
+           f"{'% gather':>9} {'ms prepare':>11} {'ms run':>7} {'ms wait':>8} {'overlap':>8} {'hidden':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['cache']:<6} {r['N']:>11,} {r['expected_batch']:>6} {r['ms_per_step']:>8.2f} "
+              f"{r['sample_ms_per_step']:>10.3f} {r['sample_pct']:>8.2f}% {r['take_ms_per_step']:>10.3f} "
+              f"{r['take_pct']:>8.2f}% {r['prepare_ms_per_step']:>11.3f} {r['run_ms_per_step']:>7.2f} "
+              f"{r['main_wait_ms_per_step']:>8.2f} {100 * r['feeder_overlap_with_run']:>7.1f}% "
+              f"{100 * (r['hidden_fraction'] or 0):>6.1f}%")
+    for r in rows:
+        print(f"{r['cache']}: {r['sample_calls']} sample calls (the feeder draws ahead of the {r['logical_steps']} "
+              f"trained steps), fastest {r['sample_ms_min']:.3f} ms; {r['take_calls']} gathers; "
+              f"{r['physical_batches']} physical batches run")
+    print("ms/step: fit wall time / logical steps. sample, gather (RandomAccessData.take), prepare (device "
+          "placement) run on the feeder thread; 'ms wait': the main thread's wait for the next batch (the "
+          "host cost not hidden behind the step); 'overlap': share of feeder time spent while the main "
+          "thread was inside Runner.run (on JAX run only dispatches, the step computes asynchronously after it); "
+          "'hidden': 1 - wait / (sample + gather + prepare), the share of feeder work not waited for.")
+    print("note: shared 2-core CPU, timings are noisy")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": BACKEND, "load_average_1min": os.getloadavg()[0], "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
+
+
+class _Null:
+    f = staticmethod(lambda: None)
+
+
 if __name__ == "__main__":
-    main()
+    if args.sampler_scale:
+        sampler_scale()
+    else:
+        main()
