@@ -179,8 +179,6 @@ class DPModel(keras.Model):
             raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}.")
         if clipping not in ("auto", "vectorized", "ghost"):
             raise ValueError(f"clipping must be 'auto', 'vectorized' or 'ghost', got {clipping!r}.")
-        if clipping == "ghost" and keras.backend.backend() != "jax":
-            raise ValueError("clipping='ghost' needs the JAX backend; use 'auto' or 'vectorized'.")
 
         if secure_mode and seed is not None:
             raise ValueError("secure_mode=True draws all randomness from the OS CSPRNG and refuses "
@@ -221,10 +219,7 @@ class DPModel(keras.Model):
                 f"The DP optimizer was built for {opt.num_shards} data-parallel shard(s), but the "
                 f"current keras.distribution has {shards}. Set the distribution before building "
                 "and compiling the model.")
-        if keras.backend.backend() == "jax":
-            from keras_dpsgd import ghost
-
-            ghost.select_clipping(self, clipping, sample_batch)
+        dp_backend.select_clipping(self, clipping, sample_batch)
 
         sigma = self._configure_privacy(opt, q=q, batch_size=float(batch_size), clip=float(l2_norm_clip),
                                         noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,

@@ -12,19 +12,23 @@ def draws(n=500, q=0.05, steps=2000, seed=0):
     return [s.sample(t) for t in range(steps)]
 
 
-def test_batch_sizes_follow_binomial_n_q():
-    n, q = 500, 0.05
-    sizes = np.array([len(b) for b in draws(n, q)])
-    # Chi-square goodness of fit against Binomial(n, q), bins with expected >= 5.
-    ks = np.arange(0, 60)
-    expected = stats.binom.pmf(ks, n, q) * len(sizes)
-    observed = np.bincount(sizes, minlength=60)[:60]
+def binomial_fit_pvalue(sizes, n, q):
+    """Chi-square goodness of fit of batch sizes to Binomial(n, q) (bins with expected >= 5)."""
+    top = int(n * q + 10 * np.sqrt(n * q) + 10)
+    expected = stats.binom.pmf(np.arange(top), n, q) * len(sizes)
+    observed = np.bincount(sizes, minlength=top)[:top]
     keep = expected >= 5
     obs = np.append(observed[keep], len(sizes) - observed[keep].sum())
     exp = np.append(expected[keep], len(sizes) - expected[keep].sum())
+    return stats.chisquare(obs, exp).pvalue
+
+
+def test_batch_sizes_follow_binomial_n_q():
+    n, q = 500, 0.05
+    sizes = np.array([len(b) for b in draws(n, q)])
     # Fixed seed; p > 1e-3 fails with probability 1e-3 for a correct sampler and
     # essentially always for a fixed-size or truncated one.
-    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    assert binomial_fit_pvalue(sizes, n, q) > 1e-3
     assert sizes.std() > 2  # a fixed batch size would have std 0
 
 
@@ -115,13 +119,7 @@ def test_secure_sampler_is_poisson_too():
     draws = [s.sample() for _ in range(2000)]
     sizes = np.array([len(d) for d in draws])
     assert all(np.all(np.diff(d) > 0) and (len(d) == 0 or (d[0] >= 0 and d[-1] < n)) for d in draws)
-    ks = np.arange(0, 60)
-    expected = stats.binom.pmf(ks, n, q) * len(sizes)
-    observed = np.bincount(sizes, minlength=60)[:60]
-    keep = expected >= 5
-    obs = np.append(observed[keep], len(sizes) - observed[keep].sum())
-    exp = np.append(expected[keep], len(sizes) - expected[keep].sum())
-    assert stats.chisquare(obs, exp).pvalue > 1e-4  # not seeded: looser threshold
+    assert binomial_fit_pvalue(sizes, n, q) > 1e-4  # not seeded: looser threshold
     counts = np.zeros(n)
     for d in draws:
         counts[d] += 1

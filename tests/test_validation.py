@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_dpsgd
-from tests.conftest import compile_sgd, linear_data, small_model
+from tests.conftest import BACKEND, compile_sgd, linear_data, small_model
 
 X, Y = linear_data(64)
 
@@ -103,6 +103,7 @@ def test_custom_random_access_source_and_dict_inputs_are_accepted():
     (dict(physical_batch_size=2.5), "physical_batch_size"),
     (dict(steps_per_epoch=0), "steps_per_epoch"),
     (dict(accountant="moments"), "accountant"),
+    (dict(clipping="fast"), "clipping"),
     (dict(shuffle=True), "shuffle"),
     (dict(validation_split=0.1), "validation_split"),
 ])
@@ -138,3 +139,11 @@ def test_subclassed_dpmodel_works_after_functional_use():
 
     model = compile_sgd(Mine())
     assert fit(model).history["epsilon"][0] > 0
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="ghost clipping exists on JAX")
+def test_ghost_clipping_outside_jax_is_refused_and_auto_falls_back():
+    model = compile_sgd(small_model())
+    with pytest.raises(ValueError, match="JAX"):
+        fit(model, clipping="ghost")
+    assert "epsilon" in fit(model, clipping="auto").history

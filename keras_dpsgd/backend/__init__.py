@@ -21,3 +21,14 @@ gaussian_noise = impl.gaussian_noise
 num_data_shards = getattr(impl, "num_data_shards", lambda: 1)
 shard_leading_axis = getattr(impl, "shard_leading_axis", lambda variable: None)
 agree_on_seed = getattr(impl, "agree_on_seed", lambda words: words)
+
+
+def _vectorized_only(model, clipping, sample_batch):
+    if clipping == "ghost":
+        raise ValueError(f"clipping='ghost' needs the JAX backend (KERAS_BACKEND is {_name!r}); "
+                         "use 'auto' or 'vectorized'.")
+    object.__setattr__(model, "_dp_clipping", "vectorized")
+
+
+# How per-example gradients are clipped: ghost norms where the backend has them.
+select_clipping = getattr(impl, "select_clipping", _vectorized_only)

@@ -72,6 +72,13 @@ def agree_on_seed(words):
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(words)))
 
 
+def select_clipping(model, clipping, sample_batch):
+    """Chooses vectorized or ghost clipping for this model (keras_dpsgd.ghost)."""
+    from keras_dpsgd import ghost
+
+    ghost.select_clipping(model, clipping, sample_batch)
+
+
 def per_example_seed_states(model, non_trainable, batch):
     """Per-example keys for random layers, and the state after this batch.
 
