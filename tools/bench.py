@@ -642,17 +642,26 @@ def worker_keras(args, out):
         "versions": versions("jax", "jaxlib", "keras")}))
 
 
-def worker_keras_dpsgd(args, out):
-    jax, keras, counter = jax_setup(args)
-    import numpy as np
+def private_model(args):
+    """(spec, base Keras model, DP model sharing its weights), compiled with SGD."""
+    import keras
+
     import keras_dpsgd
-    from keras_dpsgd import sampling
 
     spec = model_spec(args.model, args.tiny)
     base = build_keras_model(args.model, spec)
     model = keras_dpsgd.make_private(base)
     model.compile(optimizer=keras.optimizers.SGD(0.01),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return spec, base, model
+
+
+def worker_keras_dpsgd(args, out):
+    jax, keras, counter = jax_setup(args)
+    import numpy as np
+    from keras_dpsgd import sampling
+
+    spec, base, model = private_model(args)
     n = args.fit_examples
     x_all, y_all = make_data(spec, n, "nhwc")
     n_steps = args.warmup + args.steps
@@ -761,14 +770,9 @@ def worker_jax_privacy(args, out):
 
 def worker_keras_dpsgd_poisson(args, out):
     jax, keras, counter = jax_setup(args)
-    import keras_dpsgd
     from keras_dpsgd import sampling
 
-    spec = model_spec(args.model, args.tiny)
-    base = build_keras_model(args.model, spec)
-    model = keras_dpsgd.make_private(base)
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    spec, base, model = private_model(args)
     n = args.poisson_examples
     xb, _ = make_data(spec, min(n, 1024), "nhwc")
     import numpy as np

@@ -35,8 +35,6 @@ def worker(args):
     jax, keras, counter = bench.jax_setup(args)
     import numpy as np
 
-    import keras_dpsgd
-
     k = len(jax.devices())
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
     spec = bench.model_spec(args.model, args.tiny)
@@ -66,9 +64,7 @@ def worker(args):
 
     # keras-dpsgd: Poisson fit with one all-reduce per logical step.
     keras.utils.set_random_seed(0)
-    model = keras_dpsgd.make_private(bench.build_keras_model(args.model, spec))
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    _, _, model = bench.private_model(args)
     n = int(args.logical_batch / args.sampling_rate)
     x_all = bench.SyntheticRows(n, xb)
     y_all = np.random.default_rng(1).integers(0, spec["classes"], size=(n,), dtype=np.int32)
