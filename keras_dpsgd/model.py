@@ -275,7 +275,8 @@ class DPModel(keras.Model):
         initial_epoch = self._initial_epoch or initial_epoch
         # I1: one fresh Poisson draw per logical step, drawn and prepared ahead.
         feeder = sampling.BatchFeeder(sampler, data, physical_batch_size, steps_taken,
-                                      prepare=getattr(runner, "prepare", None))
+                                      prepare=getattr(runner, "prepare", None),
+                                      load=getattr(runner, "load", None))
         try:
             for epoch in range(initial_epoch, epochs):
                 self.reset_metrics()

@@ -152,15 +152,20 @@ class BatchFeeder:
             `(x, y, sample_weight, mask, is_last)` on the background thread
             (the backend's device placement).
         depth: physical batches buffered ahead (default 3).
+        load: optional `(data, indices, mask, is_last) -> batch` that gathers
+            and places one physical batch itself (replaces `data.take` then
+            `prepare`; the JAX backend gathers each device's rows in
+            parallel under data parallelism).
     """
 
     _DONE = object()
 
-    def __init__(self, sampler, data, physical_batch_size, first_step, prepare=None, depth=3):
+    def __init__(self, sampler, data, physical_batch_size, first_step, prepare=None, depth=3, load=None):
         self._sampler, self._data = sampler, data
         self._p = int(physical_batch_size)
         self._next_step = int(first_step)
         self._prepare = prepare or (lambda batch: batch)
+        self._load = load or self._take_and_prepare
         self._queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(int(first_step),), daemon=True,
@@ -181,13 +186,16 @@ class BatchFeeder:
             while not self._stop.is_set():
                 indices = self._sampler.sample(step)
                 for idx, mask, is_last in physical_batches(indices, self._p):
-                    bx, by, bsw = self._data.take(idx)
-                    batch = self._prepare((bx, by, bsw, mask, np.full(mask.shape, is_last)))
+                    batch = self._load(self._data, idx, mask, np.full(mask.shape, is_last))
                     if not self._put((step, batch, is_last)):
                         return
                 step += 1
         except BaseException as e:  # surfaced in the training thread
             self._put((None, e, True))
+
+    def _take_and_prepare(self, data, idx, mask, is_last):
+        bx, by, bsw = data.take(idx)
+        return self._prepare((bx, by, bsw, mask, is_last))
 
     def logical_batch(self, step):
         """The prepared physical batches of logical step `step`, in order."""

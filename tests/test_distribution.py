@@ -39,6 +39,10 @@ def single():
 def test_data_parallel_training_equals_the_single_device_run(single, devices, sigma):
     out = run(devices, sigma)
     assert out["shards"] == devices
+    # Every physical batch arrives split over all devices along the batch
+    # axis (Keras' distribution is thread-local: a feeder thread that did not
+    # re-enter it placed whole batches on one device).
+    assert out["batch_placements"] == [[devices, "P('batch', None)"]]
     assert out["steps"] == single[sigma]["steps"] == 10
     assert out["epsilon"] == single[sigma]["epsilon"]
     # Same Poisson draws, same noise (replicated key, added once after the

@@ -144,11 +144,13 @@ def train_step(model, state, data):
         losses, y_pred, grads, non_trainable = per_example_grads(
             model, trainable, non_trainable, metrics_vars, optimizer_vars, x, y, sample_weight)
         # Per-device partial sums (D, ...): no cross-device traffic until apply.
-        sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
+        with jax.named_scope("dp_clip_and_sum"):
+            sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
     sums = _constrain_to_shards(sums)
 
     def apply(tv, ov):
-        return opt.stateless_apply(ov, sums, tv)
+        with jax.named_scope("dp_noise_and_update"):
+            return opt.stateless_apply(ov, sums, tv)
 
     def accumulate(tv, ov):
         return list(tv), opt.stateless_accumulate(ov, sums)
@@ -190,6 +192,11 @@ class Runner:
         self.model = model
         model.make_train_function()
         self.state = None
+        # Keras keeps the distribution in thread-local state: the feeder
+        # thread would not see it, so it is captured here (the training
+        # thread) and re-entered there.
+        self._dist, self._shards = _data_parallel()
+        self._pool = None
 
     def begin_epoch(self):
         self.model._jax_state_synced = True
@@ -226,9 +233,46 @@ class Runner:
         ov[pos] = jax.device_put(jnp.asarray(value, ov[pos].dtype), ov[pos].sharding)
         self.state = (tv, ntv, ov, mv)
 
+    def load(self, source, idx, mask, is_last):
+        """Gathers and places one physical batch (the feeder thread calls this).
+
+        Under data parallelism each addressable device's rows are gathered
+        and copied by their own worker thread (numpy's gather and the
+        host-to-device copy release the GIL), and the global arrays are
+        assembled from the per-device pieces: on k GPUs the host work per
+        physical batch is spread over k threads instead of one. Each process
+        gathers only the rows of its own devices (all processes draw the
+        same indices).
+        """
+        dist, shards = self._dist, self._shards
+        if dist is None or shards == 1 or len(jax.local_devices()) == 1:
+            bx, by, bsw = source.take(idx)
+            return self.prepare((bx, by, bsw, mask, is_last))
+        p = len(idx)
+        rows = _shard_spec(dist, 1).backend_layout.addressable_devices_indices_map((p,))
+        order = list(rows)
+
+        def one(device):
+            (sl,) = rows[device]
+            bx, by, bsw = source.take(idx[sl])
+            return jax.device_put((bx, by, bsw, mask[sl], is_last[sl]), device)
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(order), thread_name_prefix="keras_dpsgd-gather")
+        pieces = list(self._pool.map(one, order))
+
+        def assemble(*parts):
+            shape = (p,) + tuple(parts[0].shape[1:])
+            sharding = _shard_spec(dist, len(shape)).backend_layout
+            return jax.make_array_from_single_device_arrays(shape, sharding, list(parts))
+
+        return jax.tree_util.tree_map(assemble, *pieces)
+
     def prepare(self, data):
         """Places one physical batch on the device(s); runs on the feeder thread."""
-        dist, _ = _data_parallel()
+        dist = self._dist
         if dist is None:
             return jax.device_put(data)
         from keras.src.backend.jax.trainer import _distribute_data
@@ -239,7 +283,8 @@ class Runner:
             n, k = jax.process_count(), jax.process_index()
             data = jax.tree_util.tree_map(
                 lambda a: a[k * (len(a) // n):(k + 1) * (len(a) // n)], data)
-        return _distribute_data(data)
+        with dist.scope():  # this may run on the feeder thread
+            return _distribute_data(data)
 
     def sync(self):
         self.model.jax_state_sync()
@@ -247,3 +292,6 @@ class Runner:
     def end(self):
         self.model.jax_state_sync()
         self.model._jax_state = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

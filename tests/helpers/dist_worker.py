@@ -106,13 +106,27 @@ def main():
     x = rng.normal(size=(240, 8)).astype("float32")
     y = rng.integers(0, 3, size=(240,)).astype("int32")
     model = build(devices)
+    # Record how each physical batch reaches the step: it must already be
+    # split over the devices (placed from the feeder thread).
+    from keras_dpsgd.backend import jax as jax_backend
+
+    seen = set()
+    run = jax_backend.Runner.run
+
+    def recording_run(self, data):
+        x_batch = data[0]
+        seen.add((len(x_batch.sharding.device_set), str(getattr(x_batch.sharding, "spec", None))))
+        return run(self, data)
+
+    jax_backend.Runner.run = recording_run
     model.fit(x, y, batch_size=24, epochs=2, steps_per_epoch=5, l2_norm_clip=1.0,
               noise_multiplier=sigma, physical_batch_size=8, seed=3, verbose=0)
     out = {"devices": len(jax.devices()), "shards": model.optimizer.num_shards,
            "weights": [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in model.trainable_variables],
            "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
            "epsilon": model.privacy_spent()[0],
-           "acc_sharding": str(model.optimizer._accumulators[0].value.sharding)}
+           "acc_sharding": str(model.optimizer._accumulators[0].value.sharding),
+           "batch_placements": sorted(seen)}
     if "--hlo" in sys.argv:
         out["hlo"] = hlo_collectives(model, x, y)
     print("RESULT " + json.dumps(out))
