@@ -337,16 +337,20 @@ class ConvGrad:
     gradient (B, n, *out_spatial, F), float32, channels last, causal padding
     already applied. Per group the kernel is a dense layer on patches:
     d_in = prod(kernel_size) * C_in / groups, d_out = F / groups, T = output
-    positions. Norms: Gram form on patches (extracted by strided slicing) when
-    cheaper, else each example's kernel gradient by the convolution's own
-    weight-gradient (vmapped). Sum: ONE weight-gradient convolution over the
-    whole batch with the output gradients scaled by c_i (book-keeping).
+    positions (summed over calls). Norms: as `LinearGrad` on the patches
+    (extracted by strided slicing): the Gram form when cheaper (at T = 1 just
+    ||patch||^2 ||g||^2), else each example's kernel gradient as one batched
+    matmul of patches and output gradients (a vmapped convolution weight
+    gradient would lower to per-example grouped convolutions, which are
+    slow). Sum: the materialized gradients weighted, or else ONE
+    weight-gradient convolution over the whole batch with the output
+    gradients scaled by c_i (book-keeping).
     """
 
     def __init__(self, layer, calls):
         self.layer, self.calls = layer, calls
         self.kshape = tuple(layer.kernel.shape)
-        self.materialized = None
+        self.linear = None
 
     def _conv(self, a, kernel):
         layer = self.layer
@@ -377,26 +381,33 @@ class ConvGrad:
             slices.append(jax.lax.slice(a, begin, limit, (1,) + st + (1,)))
         return jnp.stack(slices, axis=-2)
 
+    def _to_kernel(self, s):
+        """(shards, groups, K * C_g, F_g) -> (shards, *kernel_size, C_g, groups * F_g)."""
+        groups = self.layer.groups
+        k = math.prod(self.kshape[:-2])
+        c_g, f = self.kshape[-2], self.kshape[-1]
+        s = ops.reshape(s, (-1, groups, k, c_g, f // groups))
+        s = ops.transpose(s, (0, 2, 3, 1, 4))
+        return ops.reshape(s, (-1,) + self.kshape)
+
     def sq_norm(self):
         groups = self.layer.groups
         k = math.prod(self.kshape[:-2])
         c_g, f = self.kshape[-2], self.kshape[-1]
-        t = sum(math.prod(g.shape[1:-1]) for _, g in self.calls)
-        if t > 1 and _use_gram(t, k * c_g, f // groups):
-            a_all, g_all = [], []
-            for a, g in self.calls:
-                b = a.shape[0]
-                p = self._patches(_merge_example_axis(a))  # (b n, *out, K, C)
-                p = ops.reshape(p, (b, -1, k, groups, c_g))
-                a_all.append(ops.reshape(ops.transpose(p, (0, 3, 1, 2, 4)), (b, groups, -1, k * c_g)))
-                g_all.append(ops.transpose(ops.reshape(g, (b, -1, groups, f // groups)), (0, 2, 1, 3)))
-            return LinearGrad(ops.concatenate(a_all, axis=2), ops.concatenate(g_all, axis=2), None).sq_norm()
-        self.materialized = _sum_calls([jax.vmap(self._kernel_grad)(a, g) for a, g in self.calls])
-        return clipping.per_example_sq_norms([self.materialized])
+        a_all, g_all = [], []
+        for a, g in self.calls:
+            b = a.shape[0]
+            p = self._patches(_merge_example_axis(a))  # (b n, *out, K, C)
+            p = ops.reshape(p, (b, -1, k, groups, c_g))
+            a_all.append(ops.reshape(ops.transpose(p, (0, 3, 1, 2, 4)), (b, groups, -1, k * c_g)))
+            g_all.append(ops.transpose(ops.reshape(g, (b, -1, groups, f // groups)), (0, 2, 1, 3)))
+        self.linear = LinearGrad(ops.concatenate(a_all, axis=2), ops.concatenate(g_all, axis=2),
+                                 self._to_kernel)
+        return self.linear.sq_norm()
 
     def clipped_sum(self, factors, keep, shards):
-        if self.materialized is not None:
-            return clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
+        if self.linear is not None and self.linear.materialized is not None:
+            return self.linear.clipped_sum(factors, keep, shards)
         total = None
         for a, g in self.calls:
             g = _shard(_select(g * _expand(factors, len(g.shape)), keep), shards)
@@ -803,30 +814,33 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     (_, (losses, y_pred, inputs)), (fb_grads, tap_grads) = grad_fn(
         fb_vals, taps, trainable, per_ex_ntv, x, y, sample_weight)
 
-    reps = {}
-    for entry, ins, gs in zip(plan.entries, inputs, tap_grads):
-        if ins:
-            got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles))
-        else:
-            got = {}
-        for role, p in entry.roles.items():
-            rep = got.get(role)
-            reps[p] = ZeroGrad(batch, trainable[p].shape) if rep is None else rep
+    # Named scopes label the norm and sum work in profiles (tools/profile_summary.py).
+    with jax.named_scope("dp_ghost_norms"):
+        reps = {}
+        for entry, ins, gs in zip(plan.entries, inputs, tap_grads):
+            if ins:
+                got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles))
+            else:
+                got = {}
+            for role, p in entry.roles.items():
+                rep = got.get(role)
+                reps[p] = ZeroGrad(batch, trainable[p].shape) if rep is None else rep
 
-    sq = ops.zeros((batch,), "float32")
-    for p in sorted(reps):
-        sq = sq + reps[p].sq_norm()
-    if fb_grads:
-        sq = sq + clipping.per_example_sq_norms(fb_grads)
+        sq = ops.zeros((batch,), "float32")
+        for p in sorted(reps):
+            sq = sq + reps[p].sq_norm()
+        if fb_grads:
+            sq = sq + clipping.per_example_sq_norms(fb_grads)
     factors, keep = clipping.clip_factors(sq, mask, l2_norm_clip)
     shards = num_shards or 1
     sums = [None] * len(trainable)
-    for p, rep in reps.items():
-        s = ops.reshape(ops.cast(rep.clipped_sum(factors, keep, shards), "float32"),
-                        (shards,) + tuple(trainable[p].shape))
-        sums[p] = s if num_shards else s[0]
-    for p, s in zip(fb_pos, clipping.weighted_sum(fb_grads, factors, keep, num_shards)):
-        sums[p] = s
+    with jax.named_scope("dp_ghost_sums"):
+        for p, rep in reps.items():
+            s = ops.reshape(ops.cast(rep.clipped_sum(factors, keep, shards), "float32"),
+                            (shards,) + tuple(trainable[p].shape))
+            sums[p] = s if num_shards else s[0]
+        for p, s in zip(fb_pos, clipping.weighted_sum(fb_grads, factors, keep, num_shards)):
+            sums[p] = s
     nonfinite = ops.logical_and(ops.cast(mask, "bool"), ops.logical_not(keep))
     return GhostResult(losses, y_pred, sums, keep, ops.sum(ops.cast(nonfinite, "int32")), new_ntv, sq)
 

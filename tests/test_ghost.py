@@ -191,6 +191,7 @@ CONVS = [
      (5, 6, 6)),
     (lambda: layers.Conv2D(4, 2, data_format="channels_first", groups=2), (4, 5, 5)),
     (lambda: layers.Conv3D(2, 2, strides=(1, 2, 1), padding="same"), (3, 4, 3, 2)),
+    (lambda: layers.Conv2D(6, 3, groups=2), (3, 3, 4)),  # one output position (T = 1)
 ]
 
 
