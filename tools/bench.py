@@ -100,7 +100,7 @@ def model_spec(name, tiny):
         if tiny:
             return dict(kind="text", vocab=500, seq=16, max_pos=32, dim=64, depth=2, heads=2,
                         mlp=128, classes=2)
-        return dict(kind="text", vocab=30522, seq=128, max_pos=512, dim=768, depth=12, heads=12,
+        return dict(kind="text", vocab=30522, seq=256, max_pos=512, dim=768, depth=12, heads=12,
                     mlp=3072, classes=2)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
@@ -220,15 +220,15 @@ def build_keras_model(name, spec):
     if name == "bert_base":
         dim, seq = spec["dim"], spec["seq"]
 
-        class BertEmbeddings(layers.Layer):
+        class PositionAndType(layers.Layer):
+            """Adds BERT's position and (single) token-type embeddings."""
+
             def build(self, input_shape):
                 init = keras.initializers.RandomNormal(stddev=0.02)
-                self.word = self.add_weight(shape=(spec["vocab"], dim), initializer=init, name="word")
                 self.pos = self.add_weight(shape=(spec["max_pos"], dim), initializer=init, name="pos")
                 self.type = self.add_weight(shape=(2, dim), initializer=init, name="type")
 
-            def call(self, ids):
-                x = ops.take(self.word, ids, axis=0)
+            def call(self, x):
                 return x + self.pos[None, :seq] + self.type[None, :1]
 
         class TakeToken(layers.Layer):
@@ -236,7 +236,9 @@ def build_keras_model(name, spec):
                 return x[:, 0]
 
         inp = keras.Input((seq,), dtype="int32")
-        x = BertEmbeddings(name="embeddings")(inp)
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        x = layers.Embedding(spec["vocab"], dim, embeddings_initializer=init, name="word_embeddings")(inp)
+        x = PositionAndType(name="pos_type_embeddings")(x)
         x = layers.LayerNormalization(epsilon=1e-12, name="emb_ln")(x)
         for i in range(spec["depth"]):
             h = layers.MultiHeadAttention(spec["heads"], dim // spec["heads"], name=f"layer{i}_attn")(x, x)
@@ -502,6 +504,38 @@ def jax_peak_bytes(jax):
     return stats.get("peak_bytes_in_use")
 
 
+def jax_memory(jax, batch, peak):
+    """Peak and an estimate of the largest physical batch that fits: the bytes
+    held between steps (weights, optimizer state, accumulators, the batch)
+    plus `batch` times the per-example working set (peak - held) / batch,
+    scaled up to the device's limit. A linear estimate, not a tried batch."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:
+        return {}
+    held, limit = stats.get("bytes_in_use"), stats.get("bytes_limit")
+    if peak is None or held is None or not limit or peak <= held:
+        return {}
+    per_example = (peak - held) / batch
+    est = int((limit - held) / per_example) // 8 * 8
+    return {"held_between_steps_gib": held / GIB, "device_limit_gib": limit / GIB,
+            "per_example_mib": per_example / 2 ** 20, "max_batch_estimate": est}
+
+
+def jax_profile(jax, args, step, sync, name):
+    """Traces a few steps into --profile-dir/<name> (Perfetto JSON; summarize
+    with tools/profile_summary.py)."""
+    if not args.profile_dir:
+        return
+    d = os.path.join(args.profile_dir, name)
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
+    try:
+        for _ in range(args.profile_steps):
+            sync(step())
+    finally:
+        jax.profiler.stop_trace()
+
+
 def jax_device(jax):
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', '')}"
@@ -636,7 +670,11 @@ def worker_keras(args, out):
         return box[0][0]
 
     times = timed_loop(step, jax.block_until_ready, args.warmup, args.steps)
-    out.append(step_record("keras", args, times, jax_peak_bytes(jax), {
+    peak = jax_peak_bytes(jax)
+    memory = jax_memory(jax, args.batch, peak)
+    jax_profile(jax, args, step, jax.block_until_ready, f"{args.model}_keras")
+    out.append(step_record("keras", args, times, peak, {
+        "memory": memory,
         "params": int(model.count_params()), "first_step_s": first_s,
         "compiles": counter.summary(), "device": jax_device(jax),
         "versions": versions("jax", "jaxlib", "keras")}))
@@ -693,7 +731,9 @@ def worker_keras_dpsgd(args, out):
 
     times = timed_loop(step, jax.block_until_ready, args.warmup, args.steps)
     peak = jax_peak_bytes(jax)
-    common = {"params": int(base.count_params()), "device": jax_device(jax),
+    memory = jax_memory(jax, args.batch, peak)
+    jax_profile(jax, args, step, jax.block_until_ready, f"{args.model}_keras_dpsgd_{args.dp_clipping}")
+    common = {"params": int(base.count_params()), "device": jax_device(jax), "memory": memory,
               "clipping": _clipping_kwargs(model, args).get("clipping", "vectorized (only mode)"),
               "versions": versions("jax", "jaxlib", "keras")}
     out.append(step_record("keras_dpsgd", args, times, peak, dict(
@@ -891,6 +931,13 @@ def worker_torch(args, out, variant):
         torch.cuda.reset_peak_memory_stats()
     times = timed_loop(step, sync, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:
+        held, limit = torch.cuda.memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+        if peak > held:
+            per_example = (peak - held) / args.batch
+            extra["memory"] = {"held_between_steps_gib": held / GIB, "device_limit_gib": limit / GIB,
+                               "per_example_mib": per_example / 2 ** 20,
+                               "max_batch_estimate": int((limit - held) / per_example) // 8 * 8}
     extra.update({"params": int(params), "compiles": None,
                   "device": f"cuda:{torch.cuda.get_device_name(0)}" if cuda else "cpu",
                   "versions": versions("torch", "timm", "opacus")})
@@ -946,6 +993,8 @@ def run_worker(variant, model, args, log_file):
         cmd.append("--tiny")
     if args.jax_cache_dir:
         cmd += ["--jax-cache-dir", args.jax_cache_dir]
+    if args.profile_dir:
+        cmd += ["--profile-dir", os.path.abspath(args.profile_dir), "--profile-steps", str(args.profile_steps)]
     env = dict(os.environ)
     pkg = os.path.abspath(args.keras_dpsgd_path or REPO)
     env["PYTHONPATH"] = pkg + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -1120,6 +1169,9 @@ def main(argv=None):
     p.add_argument("--poisson-steps", type=int, default=3, help="logical steps")
     p.add_argument("--poisson-budget-s", type=float, default=1e9,
                    help="stop after the logical step that would overrun this many seconds of fit")
+    p.add_argument("--profile-dir", default=None,
+                   help="trace --profile-steps steps of the Keras and keras-dpsgd steps here (Perfetto JSON)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -1179,6 +1231,8 @@ def main(argv=None):
                     print(f"[{m} {r['variant']}] {r.get('status')}"
                           + (f" {eps:.1f} ex/s" if eps else "")
                           + (f" peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") else "")
+                          + (f" max batch ~{r['memory']['max_batch_estimate']}"
+                             if (r.get("memory") or {}).get("max_batch_estimate") else "")
                           + (f" ({r['error']})" if r.get("error") else "")
                           + f" [{r.get('wall_s')} s]", flush=True)
     except KeyboardInterrupt as e:
