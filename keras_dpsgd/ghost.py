@@ -337,31 +337,21 @@ class ConvGrad:
     gradient (B, n, *out_spatial, F), float32, channels last, causal padding
     already applied. Per group the kernel is a dense layer on patches:
     d_in = prod(kernel_size) * C_in / groups, d_out = F / groups, T = output
-    positions (summed over calls). Norms: as `LinearGrad` on the patches
-    (extracted by strided slicing): the Gram form when cheaper (at T = 1 just
-    ||patch||^2 ||g||^2), else each example's kernel gradient as one batched
-    matmul of patches and output gradients (a vmapped convolution weight
-    gradient would lower to per-example grouped convolutions, which are
-    slow). Sum: the materialized gradients weighted, or else ONE
-    weight-gradient convolution over the whole batch with the output
-    gradients scaled by c_i (book-keeping).
+    positions (summed over calls). Norms and sum are `LinearGrad`'s on the
+    patches (extracted by strided slicing): the Gram form when cheaper (at
+    T = 1 just ||patch||^2 ||g||^2) and then the sum as ONE weighted matmul
+    of patches and output gradients over the batch (book-keeping); else each
+    example's kernel gradient as one batched matmul, reused for the sum.
+    Convolution weight gradients are avoided on purpose: vmapped (per example,
+    or per device shard) they lower to grouped convolutions, which are slow
+    and which GSPMD does not split over the batch (it all-gathered the
+    inputs on every device).
     """
 
     def __init__(self, layer, calls):
         self.layer, self.calls = layer, calls
         self.kshape = tuple(layer.kernel.shape)
         self.linear = None
-
-    def _conv(self, a, kernel):
-        layer = self.layer
-        padding = "valid" if layer.padding == "causal" else layer.padding
-        return ops.conv(a, kernel, strides=tuple(layer.strides), padding=padding,
-                        dilation_rate=tuple(layer.dilation_rate), data_format="channels_last")
-
-    def _kernel_grad(self, a, g):
-        """Sum over the rows of a (n, ...) / g (n, ...) of the kernel gradient."""
-        zero = jnp.zeros(self.kshape, a.dtype)
-        return jax.vjp(lambda k: self._conv(a, k), zero)[1](g)[0]
 
     def _patches(self, a):
         """(n, *spatial, C) -> (n, *out_spatial, prod(kernel_size), C)."""
@@ -406,16 +396,9 @@ class ConvGrad:
         return self.linear.sq_norm()
 
     def clipped_sum(self, factors, keep, shards):
-        if self.linear is not None and self.linear.materialized is not None:
-            return self.linear.clipped_sum(factors, keep, shards)
-        total = None
-        for a, g in self.calls:
-            g = _shard(_select(g * _expand(factors, len(g.shape)), keep), shards)
-            a = _shard(_select(a, keep), shards)
-            merge = lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))  # noqa: E731 (rows of a shard)
-            s = jax.vmap(lambda a, g: self._kernel_grad(merge(a), merge(g)))(a, g)
-            total = s if total is None else total + s
-        return total
+        if self.linear is None:
+            self.sq_norm()
+        return self.linear.clipped_sum(factors, keep, shards)
 
 
 class ConvRule(GhostRule):

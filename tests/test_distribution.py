@@ -58,6 +58,8 @@ def test_gradients_cross_devices_once_per_logical_step():
     assert hlo["big_allreduces_module"] == 1
     # ...and it sits in the apply branch of the cond; accumulating has none.
     assert hlo["branches"] == [[1, 0]]
+    # No rows move between devices: each device clips its own examples.
+    assert hlo["batch_moving_collectives"] == []
 
 
 def free_port():

@@ -26,7 +26,10 @@ def build(devices):
             keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:devices]))
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8,))
-    h = keras.layers.Dense(16, activation="tanh")(inputs)
+    # A convolution too, small enough for the Gram form (T = 2, d_in = 4,
+    # d_out = 8): its book-keeping sum once made GSPMD all-gather the batch.
+    c = keras.layers.Conv1D(8, 2, strides=2, activation="tanh")(keras.layers.Reshape((4, 2))(inputs))
+    h = keras.layers.Dense(16, activation="tanh")(keras.layers.Flatten()(c))
     model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(3)(h))
     model.compile(optimizer=keras.optimizers.SGD(0.2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -93,7 +96,9 @@ def hlo_collectives(model, x, y):
                 # lax.cond(pred, true, false) lowers to branch 0 = false, 1 = true.
                 branches.append((m.group(2), m.group(1)))
     all_comps = list(comps)
+    moving = re.findall(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", text)
     return {
+        "batch_moving_collectives": sorted(set(moving)),
         "total_params": total,
         "big_allreduces_module": big_allreduces(all_comps),
         "branches": [[big_allreduces(calls(t, set())), big_allreduces(calls(f, set()))] for t, f in branches],
