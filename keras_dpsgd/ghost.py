@@ -364,6 +364,17 @@ class ConvGrad:
             a = jnp.pad(a, [(0, 0)] + list(pads) + [(0, 0)])
             spatial = tuple(a.shape[1:-1])
         out = tuple((n - w) // s + 1 for n, w, s in zip(spatial, window, st))
+        if st == ks and all(d == 1 for d in dil):
+            # Non-overlapping windows (e.g. a ViT patch embedding): one
+            # reshape and transpose. The strided slices below would make
+            # prod(kernel_size) badly coalesced copies.
+            a = a[(slice(None),) + tuple(slice(0, m * k) for m, k in zip(out, ks)) + (slice(None),)]
+            split = [a.shape[0]] + [d for m, k in zip(out, ks) for d in (m, k)] + [a.shape[-1]]
+            a = jnp.reshape(a, split)
+            r = len(ks)
+            perm = (0,) + tuple(1 + 2 * i for i in range(r)) + tuple(2 + 2 * i for i in range(r)) + (2 * r + 1,)
+            a = jnp.transpose(a, perm)
+            return jnp.reshape(a, (a.shape[0],) + out + (math.prod(ks), a.shape[-1]))
         slices = []
         for offset in np.ndindex(*ks):
             begin = (0,) + tuple(o * d for o, d in zip(offset, dil)) + (0,)

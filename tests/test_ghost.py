@@ -192,6 +192,10 @@ CONVS = [
     (lambda: layers.Conv2D(4, 2, data_format="channels_first", groups=2), (4, 5, 5)),
     (lambda: layers.Conv3D(2, 2, strides=(1, 2, 1), padding="same"), (3, 4, 3, 2)),
     (lambda: layers.Conv2D(6, 3, groups=2), (3, 3, 4)),  # one output position (T = 1)
+    # Non-overlapping windows (strides = kernel size, as a ViT patch embedding),
+    # with a remainder the convolution drops, and with "same" padding.
+    (lambda: layers.Conv2D(4, (2, 3), strides=(2, 3)), (5, 7, 2)),
+    (lambda: layers.Conv1D(3, 4, strides=4, padding="same"), (9, 2)),
 ]
 
 

@@ -70,6 +70,7 @@ LABELS = {
     "keras": "Keras 3 / JAX, not private (jitted step)",
     "keras_dpsgd": "keras-dpsgd, physical DP step",
     "keras_dpsgd_fit": "keras-dpsgd, DPModel.fit (Poisson, E[B]=batch)",
+    "keras_dpsgd_accumulate": "keras-dpsgd, physical DP step that only accumulates (not last)",
     "jax_privacy": "jax-privacy keras_api (Poisson in fit)",
     "torch": "PyTorch, not private",
     "opacus_hooks": "Opacus hooks (ViT fixed)",
@@ -739,6 +740,21 @@ def worker_keras_dpsgd(args, out):
     out.append(step_record("keras_dpsgd", args, times, peak, dict(
         common, compiles=counter.summary(),
         recompiled_for_direct_call=counter.count() != fit_compiles["train_step_compiles"])))
+
+    # A physical batch that is not the last of its logical step: clip, sum,
+    # accumulate (no noise, no update). Most physical batches of a large
+    # logical batch are of this kind. Same executable (is_last is data).
+    not_last = (data[0], data[1], None, data[3], jax.device_put(np.zeros((args.batch,), bool)))
+    box_acc = [box[0]]
+
+    def step_acc():
+        logs, box_acc[0] = model.train_function(box_acc[0], iter([not_last]))
+        return box_acc[0][2]
+
+    times_acc = timed_loop(step_acc, jax.block_until_ready, args.warmup, args.steps)
+    box[0] = box_acc[0]
+    out.append(step_record("keras_dpsgd_accumulate", args, times_acc, jax_peak_bytes(jax), dict(
+        common, compiles=counter.summary())))
     rec = fit_record("keras_dpsgd_fit", args, timer, sizes, args.warmup, rows_run=[
         p * args.batch for p in phys], extra=dict(
         common, peak_gib=None if peak is None else peak / GIB, fit_examples=n, fit_wall_s=fit_s,
@@ -1097,7 +1113,7 @@ def ratios(results):
     for model in {r["model"] for r in results}:
         tp = {r["variant"]: r.get("examples_per_s") for r in results
               if r["model"] == model and r.get("status") == "ok" and r.get("examples_per_s")}
-        pairs = [("keras_dpsgd", "keras"), ("keras_dpsgd", "opacus_ghost"),
+        pairs = [("keras_dpsgd", "keras"), ("keras_dpsgd_accumulate", "keras"), ("keras_dpsgd", "opacus_ghost"),
                  ("keras_dpsgd", "opacus_hooks"), ("keras_dpsgd", "jax_privacy"),
                  ("keras_dpsgd_fit", "jax_privacy"), ("keras_dpsgd_fit", "keras_dpsgd"),
                  ("opacus_hooks", "torch"), ("opacus_ghost", "torch"), ("keras", "torch"),

@@ -101,11 +101,24 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small model on forced CPU devices")
     p.add_argument("--jax-cache-dir", default=None)
     p.add_argument("--json", default="out/scaling.json")
+    p.add_argument("--merge", default=None,
+                   help="comma list of JSON files from earlier runs (e.g. one per GPU count): "
+                        "print and plot them together into --json, run nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
     results = []
+    if args.merge:
+        for path in args.merge.split(","):
+            if not os.path.exists(path):
+                print(f"# {path}: missing (that run did not finish), left out", flush=True)
+                continue
+            with open(path) as f:
+                results.extend(json.load(f)["results"])
+        results.sort(key=lambda r: r["gpus"])
+        return report(args, results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     for k in [int(g) for g in args.gpus.split(",")]:
         env = dict(os.environ, KERAS_BACKEND="jax", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         if args.tiny:
@@ -124,7 +137,15 @@ def main(argv=None):
         r = json.loads(lines[-1][7:])
         r["wall_s"] = time.perf_counter() - t
         results.append(r)
-        print(f"{k} GPU(s) done in {r['wall_s']:.0f} s", flush=True)
+        print(f"{k} GPU(s) done in {r['wall_s']:.0f} s: DP {r['dp_examples_per_s']:.1f} ex/s, "
+              f"non-private {r['nonprivate_examples_per_s']:.1f} ex/s", flush=True)
+        with open(args.json, "w") as f:  # after every configuration, in case a later one is cut off
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return report(args, results)
+
+
+def report(args, results):
+    """Efficiencies against the 1-GPU row; table on stdout; JSON and PNG at --json."""
     ok = [r for r in results if "error" not in r]
     one = next((r for r in ok if r["gpus"] == 1), None)
     print(f"\n{'GPUs':>4} {'DP ex/s':>10} {'DP eff':>7} {'non-priv ex/s':>14} {'non-priv eff':>12}  device")

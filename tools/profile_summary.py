@@ -55,11 +55,25 @@ def category(text):
     return "forward"
 
 
+def kind(kernel_name):
+    n = kernel_name.lower()
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "cublas", "matmul", "triton_gemm")):
+        return "matmul"
+    if "conv" in n and ("cudnn" in n or "implicit" in n):
+        return "convolution"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    if "reduce" in n or "reduction" in n:
+        return "reduction"
+    return "elementwise/other"
+
+
 def summarize(path, steps, top):
     events = _events(path)
     pids, names = _device_pids(events)
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and e.get("dur") is not None]
     by_cat = collections.Counter()
+    by_kind = collections.Counter()
     by_kernel = collections.Counter()
     cat_of_kernel = {}
     for e in kernels:
@@ -68,6 +82,7 @@ def summarize(path, steps, top):
         c = category(text)
         dur = float(e["dur"]) / 1e3  # us -> ms
         by_cat[c] += dur
+        by_kind[(c, kind(str(e.get("name", ""))))] += dur
         key = str(args.get("hlo_op") or args.get("name") or e.get("name"))[:80]
         by_kernel[key] += dur
         cat_of_kernel[key] = c
@@ -78,6 +93,7 @@ def summarize(path, steps, top):
         "kernels": len(kernels),
         "ms_per_step": total / steps,
         "categories_ms_per_step": {k: v / steps for k, v in by_cat.most_common()},
+        "category_and_kernel_kind_ms_per_step": [(c, k, v / steps) for (c, k), v in by_kind.most_common()],
         "top_kernels_ms_per_step": [(k, v / steps, cat_of_kernel[k]) for k, v in by_kernel.most_common(top)],
         "sample_args": next(((e.get("name"), e.get("args")) for e in kernels if e.get("args")), None),
     }
@@ -104,6 +120,9 @@ def main(argv=None):
               f"device kernel time {r['ms_per_step']:.2f} ms/step")
         for k, v in r["categories_ms_per_step"].items():
             print(f"  {k:<22} {v:9.2f} ms  {100 * v / max(r['ms_per_step'], 1e-9):5.1f} %")
+        print("  by category and kernel kind:")
+        for c, k, v in r["category_and_kernel_kind_ms_per_step"][:12]:
+            print(f"    {c:<22} {k:<18} {v:9.2f} ms")
         print("  top kernels:")
         for k, v, c in r["top_kernels_ms_per_step"]:
             print(f"    {v:8.2f} ms  {c:<20} {k}")
