@@ -31,7 +31,7 @@ def test_bench_tiny_jax_variants_and_plot(tmp_path):
 
     doc = json.loads(out.read_text())
     rows = {r["variant"]: r for r in doc["results"]}
-    assert set(rows) == {"keras", "keras_dpsgd", "keras_dpsgd_fit"}, doc["results"]
+    assert set(rows) == {"keras", "keras_dpsgd", "keras_dpsgd_accumulate", "keras_dpsgd_fit"}, doc["results"]
     for name, r in rows.items():
         assert r["status"] == "ok", r
         assert r["examples_per_s"] > 0, r
@@ -39,6 +39,8 @@ def test_bench_tiny_jax_variants_and_plot(tmp_path):
     # One compile of the DP step serves fit (Poisson sizes vary) and direct calls.
     assert rows["keras_dpsgd"]["compiles"]["train_step_compiles"] == 1
     assert rows["keras_dpsgd"]["recompiled_for_direct_call"] is False
+    # The accumulate-only step runs the same executable (is_last is data).
+    assert rows["keras_dpsgd_accumulate"]["compiles"]["train_step_compiles"] == 1
     assert "keras_dpsgd / keras" in doc["ratios"]["vit_b16"]
 
     pytest.importorskip("matplotlib")
