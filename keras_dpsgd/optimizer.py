@@ -187,7 +187,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         std = ops.cast(self.noise_multiplier * self.l2_norm_clip, "float32")
         # One cross-device reduction per logical step, for all weights at once:
         # flatten, concatenate, sum the shard axis, split back.
-        flat = [ops.reshape(acc + self._partial(g, acc), (self.num_shards, -1))
+        if grads is None:  # everything is in the accumulators already (JAX)
+            grads = [None] * len(self._accumulators)
+        flat = [ops.reshape(acc if g is None else acc + self._partial(g, acc), (self.num_shards, -1))
                 for acc, g in zip(self._accumulators, grads)]
         total = ops.sum(ops.concatenate(flat, axis=1), axis=0)
         out = []
@@ -231,6 +233,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
         return own + list(optimizer_variables[n_own:])
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        """Noise once, ÷ qN, inner update, accumulators reset; `grads` (the last
+        physical batch's sums) may be None when they are accumulated already."""
         n_own = len(self._variables)
         with keras.StatelessScope(state_mapping=self._own_mapping(optimizer_variables)) as scope:
             noisy = self._noisy_average(grads)

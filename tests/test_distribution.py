@@ -54,12 +54,14 @@ def test_gradients_cross_devices_once_per_logical_step():
     out = run(4, 1.0, hlo=True)
     assert "P('batch'" in out["acc_sharding"]  # one partial sum per device
     hlo = out["hlo"]
-    # Exactly one gradient-sized all-reduce in the whole step...
-    assert hlo["big_allreduces_module"] == 1
-    # ...and it sits in the apply branch of the cond; accumulating has none.
-    assert hlo["branches"] == [[1, 0]]
-    # No rows move between devices: each device clips its own examples.
+    # The physical step (every physical batch) moves no gradient between
+    # devices and has no branch (whose predicate XLA:GPU reads on the host)...
+    assert hlo["step_big_allreduces"] == 0
+    assert hlo["step_conditionals"] == 0
+    # ...and no rows: each device clips its own examples.
     assert hlo["batch_moving_collectives"] == []
+    # The apply step (once per logical step) reduces the gradient exactly once.
+    assert hlo["apply_big_allreduces"] == 1
 
 
 def free_port():

@@ -725,9 +725,19 @@ def worker_keras_dpsgd(args, out):
                                  optimizer_variables=True, metrics_variables=True,
                                  purge_model_variables=True)
     box = [state]
+    # Newer keras_dpsgd applies the noisy update in a separate jitted step
+    # after the last physical batch; older ones branch on is_last inside.
+    from keras_dpsgd.backend import jax as jax_backend
+
+    apply = getattr(jax_backend, "apply_function", None)
+    apply = apply(model) if apply else None
 
     def step():
         logs, box[0] = model.train_function(box[0], iter([data]))
+        if apply is not None:
+            tv, ntv, ov, mv = box[0]
+            tv, ov = apply(tv, ov)
+            box[0] = (tv, ntv, ov, mv)
         return box[0][0]
 
     times = timed_loop(step, jax.block_until_ready, args.warmup, args.steps)
@@ -743,7 +753,7 @@ def worker_keras_dpsgd(args, out):
 
     # A physical batch that is not the last of its logical step: clip, sum,
     # accumulate (no noise, no update). Most physical batches of a large
-    # logical batch are of this kind. Same executable (is_last is data).
+    # logical batch are of this kind. Same executable as above.
     not_last = (data[0], data[1], None, data[3], jax.device_put(np.zeros((args.batch,), bool)))
     box_acc = [box[0]]
 

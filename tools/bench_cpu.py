@@ -229,10 +229,14 @@ def time_interleaved(fns, calls, warmup):
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def jax_step_fn(model, data):
+def jax_step_fn(model, data, last=False):
     """A call of model.train_function (Keras' jit of train_step) on one fixed
-    batch, threading the state as fit does, blocking until it is done."""
+    batch, threading the state as fit does, blocking until it is done; with
+    `last`, followed by the noisy update that ends a logical step (newer
+    keras_dpsgd runs it as a separate jitted step)."""
     model.make_train_function()
+    apply = getattr(dp_backend.impl, "apply_function", None) if last else None
+    apply = apply(model) if apply else None
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                  optimizer_variables=True, metrics_variables=True,
                                  purge_model_variables=False)
@@ -242,6 +246,10 @@ def jax_step_fn(model, data):
 
     def call():
         logs, box[0] = train_function(box[0], iter([data]))
+        if apply is not None:
+            tv, ntv, ov, mv = box[0]
+            tv, ov = apply(tv, ov)
+            box[0] = (tv, ntv, ov, mv)
         jax.block_until_ready((logs, box[0]))
 
     return call
@@ -293,7 +301,7 @@ def measure_dp(mode, weights, x, y, xb, yb):
     step_fns = {}
     for kind, last in (("accumulate", False), ("apply", True)):
         data = (xb, yb, None, mask, np.full((p,), last))
-        step_fns[kind] = jax_step_fn(dp, data) if BACKEND == "jax" else dp_runner_step_fn(dp, data)
+        step_fns[kind] = jax_step_fn(dp, data, last) if BACKEND == "jax" else dp_runner_step_fn(dp, data)
     return step_fns, {
         "clipping_requested": mode, "clipping_used": used,
         "fit_ms_per_physical_batch": 1e3 * fit2_s / max(pb2.count, 1),

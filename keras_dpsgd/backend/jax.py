@@ -4,6 +4,12 @@ The step is `train_step(model, state, data)` with Keras' stateless state tuple
 (trainable, non_trainable, optimizer, metrics variables). `data` is one
 physical batch `(x, y, sample_weight, mask, is_last)` of fixed shape, so the
 step compiles once whatever the Poisson batch size (DESIGN.md section 3).
+On JAX the step only clips and accumulates (is_last is not read): the host
+knows which physical batch is last and then calls `dp_apply_step` (noise once,
+÷ qN, update), a second, small jitted function. So the physical step holds no
+branch and no gradient reduction. (An on-device `lax.cond` on the batch-sharded
+`is_last` needed its predicate all-reduced across devices on every physical
+batch.)
 """
 
 import jax
@@ -147,21 +153,41 @@ def train_step(model, state, data):
         with jax.named_scope("dp_clip_and_sum"):
             sums, keep, num_nonfinite = clipping.clip_and_sum(grads, mask, clip, num_shards=opt.num_shards)
     sums = _constrain_to_shards(sums)
-
-    def apply(tv, ov):
-        with jax.named_scope("dp_noise_and_update"):
-            return opt.stateless_apply(ov, sums, tv)
-
-    def accumulate(tv, ov):
-        return list(tv), opt.stateless_accumulate(ov, sums)
-
-    # I2: one noisy update on the last physical batch of the logical batch.
-    trainable, optimizer_vars = jax.lax.cond(
-        is_last[0], apply, accumulate, list(trainable), list(optimizer_vars))
+    # Per-device partial sums only; the noisy update is `dp_apply_step` (I2).
+    optimizer_vars = opt.stateless_accumulate(list(optimizer_vars), sums)
 
     logs, metrics_vars = update_metrics(model, metrics_vars, losses, mask, x, y, y_pred,
                                         sample_weight, num_nonfinite)
-    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+    return logs, (list(trainable), non_trainable, optimizer_vars, metrics_vars)
+
+
+def dp_apply_step(model, trainable, optimizer_vars):
+    """End of a logical step (I2, I5, I6): reduce the accumulated clipped sums
+    across devices (the one all-reduce of the logical step), add noise once,
+    divide by the expected batch size, apply the inner optimizer and reset
+    the accumulators. Returns (trainable, optimizer_vars)."""
+    with jax.named_scope("dp_noise_and_update"):
+        return model.optimizer.stateless_apply(list(optimizer_vars), None, list(trainable))
+
+
+def apply_function(model):
+    """`dp_apply_step` jitted for `model` (cached on it; reset with its train
+    function). Under a distribution its outputs keep the state's shardings."""
+    fn = model.__dict__.get("_dp_apply_function")
+    if fn is not None and fn[0] is model.train_function:
+        return fn[1]
+    out_shardings = None
+    if keras.distribution.distribution() is not None:
+        tv_sh, _, ov_sh, _ = model._get_state_sharding_spec()
+        out_shardings = (tv_sh, ov_sh)
+
+    def step(trainable, optimizer_vars):
+        return dp_apply_step(model, trainable, optimizer_vars)
+
+    step.__name__ = "dp_apply_step"
+    jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    object.__setattr__(model, "_dp_apply_function", (model.train_function, jitted))
+    return jitted
 
 
 def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weight, num_nonfinite):
@@ -197,6 +223,7 @@ class Runner:
         # thread) and re-entered there.
         self._dist, self._shards = _data_parallel()
         self._pool = None
+        self._apply = apply_function(model)
 
     def begin_epoch(self):
         self.model._jax_state_synced = True
@@ -216,10 +243,20 @@ class Runner:
                     lambda a: jax.device_put(a, a.sharding), self.state)
             m._jax_state_synced = False
         logs, self.state = m.train_function(self.state, iter([data]))
-        tv, ntv, ov, mv = self.state
-        m._jax_state = {"trainable_variables": tv, "non_trainable_variables": ntv,
-                        "optimizer_variables": ov, "metrics_variables": mv}
+        self._publish()
         return logs
+
+    def end_logical_step(self):
+        """After the last physical batch of a logical step: the noisy update."""
+        tv, ntv, ov, mv = self.state
+        tv, ov = self._apply(tv, ov)
+        self.state = (tv, ntv, ov, mv)
+        self._publish()
+
+    def _publish(self):
+        tv, ntv, ov, mv = self.state
+        self.model._jax_state = {"trainable_variables": tv, "non_trainable_variables": ntv,
+                                 "optimizer_variables": ov, "metrics_variables": mv}
 
     def assign(self, variable, value):
         """Sets an optimizer variable between steps, wherever the state lives now."""

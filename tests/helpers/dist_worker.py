@@ -36,72 +36,37 @@ def build(devices):
     return model
 
 
-def hlo_collectives(model, x, y):
-    """All-reduces in the compiled step, split by the cond branch they sit in."""
-    from keras_dpsgd.backend.jax import Runner
+def _big_allreduces(text, total):
+    """All-reduces in HLO text that move at least `total` floats (the gradient)."""
+    n = 0
+    for line in text.splitlines():
+        if "all-reduce(" in line or "all-reduce-start(" in line:
+            shapes = re.findall(r"f32\[([\d,]*)\]", line.split("=")[1].split("all-reduce")[0])
+            if any(s and int(np.prod([int(d) for d in s.split(",")])) >= total for s in shapes):
+                n += 1
+    return n
 
-    runner = Runner(model)
+
+def hlo_collectives(model, x, y):
+    """Collectives in the compiled physical step and in the apply step."""
+    from keras_dpsgd.backend import jax as jax_backend
+
+    runner = jax_backend.Runner(model)
     p = 8
     data = (x[:p], y[:p], None, np.ones(p, bool), np.ones(p, bool))
     data = runner.prepare(data)
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                  optimizer_variables=True, metrics_variables=True)
-    text = jax.jit(model.train_step).lower(state, data).compile().as_text()
-    # Split the module into computations: "name (args) -> type {" ... "}".
-    comps, name, body = {}, None, []
-    for line in text.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if m and not line.startswith(" "):
-            name, body = m.group(1), []
-        elif line.startswith("}") and name:
-            comps[name] = body
-            name = None
-        elif name:
-            body.append(line)
+    step = jax.jit(model.train_step).lower(state, data).compile().as_text()
+    apply = jax_backend.apply_function(model).lower(state[0], state[2]).compile().as_text()
     total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-
-    def calls(comp, seen):
-        out = [comp]
-        for line in comps.get(comp, []):
-            for callee in re.findall(r"(?:to_apply|calls|body|condition|true_computation|false_computation|branch_computations)=\{?%?([\w.\-]+)", line):
-                if callee not in seen:
-                    seen.add(callee)
-                    out += calls(callee, seen)
-            m = re.search(r"branch_computations=\{([^}]*)\}", line)
-            if m:
-                for callee in re.findall(r"%?([\w.\-]+)", m.group(1)):
-                    if callee not in seen:
-                        seen.add(callee)
-                        out += calls(callee, seen)
-        return out
-
-    def big_allreduces(comp_names):
-        n = 0
-        for c in comp_names:
-            for line in comps.get(c, []):
-                if "all-reduce(" in line or "all-reduce-start(" in line:
-                    shapes = re.findall(r"f32\[([\d,]*)\]", line.split("=")[1].split("all-reduce")[0])
-                    if any(s and int(np.prod([int(d) for d in s.split(",")])) >= total for s in shapes):
-                        n += 1
-        return n
-
-    branches = []
-    for c, lines in comps.items():
-        for line in lines:
-            m = re.search(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", line)
-            if m:
-                branches.append((m.group(1), m.group(2)))
-            m = re.search(r"branch_computations=\{%?([\w.\-]+), %?([\w.\-]+)\}", line)
-            if m:
-                # lax.cond(pred, true, false) lowers to branch 0 = false, 1 = true.
-                branches.append((m.group(2), m.group(1)))
-    all_comps = list(comps)
-    moving = re.findall(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", text)
+    moving = re.findall(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", step)
     return {
         "batch_moving_collectives": sorted(set(moving)),
         "total_params": total,
-        "big_allreduces_module": big_allreduces(all_comps),
-        "branches": [[big_allreduces(calls(t, set())), big_allreduces(calls(f, set()))] for t, f in branches],
+        "step_big_allreduces": _big_allreduces(step, total),
+        "step_conditionals": step.count(" conditional("),
+        "apply_big_allreduces": _big_allreduces(apply, total),
     }
 
 
