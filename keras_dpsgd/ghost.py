@@ -29,8 +29,9 @@ non-finite rows get c_i = 0 and are removed with `where` (I4), as in
 `keras_dpsgd.clipping`. Norms and sums are float32 whatever the dtype policy.
 
 Rules are registered per exact layer class (a subclass may change `call`):
-Dense, EinsumDense, Embedding, LayerNormalization, GroupNormalization,
-Conv1D/2D/3D. `register_rule` adds more. Norm and sum rules use keras.ops;
+Dense, EinsumDense, Embedding, ReversibleEmbedding (also keras-hub's
+unchanged subclass), LayerNormalization, GroupNormalization, Conv1D/2D/3D.
+`register_rule` adds more. Norm and sum rules use keras.ops;
 the tracing machinery and the convolution pieces (patches, weight
 gradients) use JAX.
 """
@@ -235,6 +236,9 @@ class GhostRule:
     `self.activation` last, and the tap goes before it) or "output"."""
 
     tap = "output"
+    # True: `prepare` also gets, per call, the call's other arguments (Python
+    # values only: {"args": (...), name: value}).
+    uses_call_options = False
 
     def variables(self, layer):
         """{role: keras.Variable or None}, or None when this layer's
@@ -463,6 +467,95 @@ class EmbeddingRule(GhostRule):
         return {"embeddings": EmbeddingGrad(ops.where(valid, ids, ops.zeros_like(ids)), g, vocab)}
 
 
+class TiedEmbeddingGrad:
+    """Per-example gradient of an embedding table that is both looked up
+    (rows g_t scattered at ids_t: S_i) and used as the output projection
+    (logits = h E^T: R_i = G_i^T H_i), i.e. a tied ReversibleEmbedding.
+
+    ||S + R||^2 = ||S||^2 + ||R||^2 + 2 <S, R>, with
+    <S, R> = sum_{t,s} G[s, id_t] <h_s, g_t>; ||R||^2 in Gram form
+    (T^2 (D + V)), never a V x D matrix per example. The sum is the
+    segment-sum of the lookups plus one weighted product for the projection.
+    """
+
+    def __init__(self, lookup, ids, g_lookup, h, g_logits):
+        self.lookup = lookup                  # EmbeddingGrad or None
+        self.ids, self.g_lookup = ids, g_lookup  # (B, T1), (B, T1, D)
+        self.h, self.g_logits = h, g_logits      # (B, T2, D), (B, T2, V)
+
+    def sq_norm(self):
+        h, g = self.h, self.g_logits
+        hh = ops.einsum("btd,bsd->bts", h, h)
+        gg = ops.einsum("btv,bsv->bts", g, g)
+        out = ops.sum(hh * gg, axis=(1, 2))
+        if self.lookup is not None:
+            out = out + self.lookup.sq_norm()
+            picked = jnp.take_along_axis(g, self.ids[:, None, :], axis=2)  # (B, T2, T1): G[s, id_t]
+            dots = ops.einsum("bsd,btd->bst", h, self.g_lookup)
+            out = out + 2.0 * ops.sum(picked * dots, axis=(1, 2))
+        return out
+
+    def clipped_sum(self, factors, keep, shards):
+        g = _shard(_select(self.g_logits * _expand(factors, 3), keep), shards)
+        h = _shard(_select(self.h, keep), shards)
+        out = ops.einsum("nbsv,nbsd->nvd", g, h)
+        if self.lookup is not None:
+            out = out + self.lookup.clipped_sum(factors, keep, shards)
+        return out
+
+
+class ReversibleEmbeddingRule(GhostRule):
+    """keras.layers.ReversibleEmbedding (and keras-hub's subclass): lookups as
+    `EmbeddingRule`; `reverse=True` calls (logits = h E^T, or h W with untied
+    `reverse_embeddings`) as a dense layer; a tied table used both ways by
+    `TiedEmbeddingGrad`. A `logit_soft_cap` (the tap would sit after it)
+    is not covered: such a layer falls back."""
+
+    tap = "output"
+    uses_call_options = True
+
+    def variables(self, layer):
+        if not _plain(layer) or getattr(layer, "logit_soft_cap", None) is not None:
+            return None
+        roles = {"embeddings": _variable(layer, "_embeddings")}
+        if not layer.tie_weights:
+            roles["reverse_embeddings"] = _variable(layer, "reverse_embeddings")
+        return roles
+
+    def prepare(self, layer, calls, roles, options):
+        d, vocab = layer.output_dim, layer.input_dim
+        lookups, reverses = [], []
+        for (a, g), opt in zip(calls, options):
+            reverse = opt.get("reverse", opt["args"][0] if opt["args"] else False)
+            if reverse is None:
+                raise GhostUnsupportedError(
+                    f"ReversibleEmbedding {layer.name!r}: `reverse` must be a Python bool.")
+            (reverses if reverse else lookups).append((a, g))
+        lookup = None
+        if lookups:
+            lookup = EmbeddingRule().prepare(layer, lookups, ("embeddings",))["embeddings"]
+        h = g_logits = None
+        if reverses:
+            h = ops.concatenate([ops.reshape(_f32(a), (a.shape[0], -1, d)) for a, _ in reverses], axis=1)
+            g_logits = ops.concatenate([ops.reshape(_f32(g), (g.shape[0], -1, vocab)) for _, g in reverses], axis=1)
+        out = {}
+        if layer.tie_weights:
+            if "embeddings" in roles:
+                if reverses:
+                    ids = lookup.ids if lookup is not None else None
+                    g_lookup = lookup.g if lookup is not None else None
+                    out["embeddings"] = TiedEmbeddingGrad(lookup, ids, g_lookup, h, g_logits)
+                elif lookup is not None:
+                    out["embeddings"] = lookup
+            return out
+        if "embeddings" in roles and lookup is not None:
+            out["embeddings"] = lookup
+        if "reverse_embeddings" in roles and reverses:
+            out["reverse_embeddings"] = LinearGrad(
+                ops.expand_dims(h, 1), ops.expand_dims(g_logits, 1), lambda s: ops.reshape(s, (-1, d, vocab)))
+        return out
+
+
 class _AffineNormRule(GhostRule):
     """Normalization layers whose output is xhat * gamma + beta (broadcast):
     per-example d gamma = sum(g * xhat), d beta = sum(g) over the axes gamma
@@ -524,12 +617,25 @@ RULES = {
     keras.layers.Dense: DenseRule(),
     keras.layers.EinsumDense: EinsumDenseRule(),
     keras.layers.Embedding: EmbeddingRule(),
+    keras.layers.ReversibleEmbedding: ReversibleEmbeddingRule(),
     keras.layers.LayerNormalization: LayerNormalizationRule(),
     keras.layers.GroupNormalization: GroupNormalizationRule(),
     keras.layers.Conv1D: ConvRule(),
     keras.layers.Conv2D: ConvRule(),
     keras.layers.Conv3D: ConvRule(),
 }
+
+
+def _register_keras_hub():
+    """keras-hub's ReversibleEmbedding subclasses Keras' without changing any
+    method; its rule applies as is. Only looked at when keras_hub is imported."""
+    import sys
+
+    hub = sys.modules.get("keras_hub")
+    cls = getattr(getattr(hub, "layers", None), "ReversibleEmbedding", None)
+    if (cls is not None and cls not in RULES and issubclass(cls, keras.layers.ReversibleEmbedding)
+            and not any(k in cls.__dict__ for k in ("call", "build", "__init__"))):
+        RULES[cls] = RULES[keras.layers.ReversibleEmbedding]
 
 
 def register_rule(layer_class, rule):
@@ -572,6 +678,7 @@ def build_plan(model, exclude=()):
     """
     tv = model.trainable_variables
     pos = {id(v): i for i, v in enumerate(tv)}
+    _register_keras_hub()
     layers = model._flatten_layers(include_self=True, recursive=True)
     owners = {}
     for layer in layers:
@@ -622,6 +729,9 @@ class _Taps:
         self.taps = taps
         self.inside = inside
         self.inputs = [[] for _ in entries]
+        # Per call, the call's extra arguments where they are plain Python
+        # values (e.g. ReversibleEmbedding's reverse=True); arrays as None.
+        self.options = [[] for _ in entries]
         self.specs = [[] for _ in entries]
         self._saved = []
 
@@ -660,6 +770,9 @@ class _Taps:
                     f"{type(layer).__name__} {layer.name!r} was called without a positional input.")
             n = len(self.inputs[idx])
             self.inputs[idx].append(args[0])
+            self.options[idx].append(
+                {"args": tuple(_static(v) for v in args[1:]),
+                 **{k: _static(v) for k, v in kwargs.items()}})
             if rule.tap != "pre_activation":
                 with self._inside(idx):
                     return tap(original(*args, **kwargs), n)
@@ -703,6 +816,10 @@ class _Taps:
 
 
 _MISSING = object()
+
+
+def _static(v):
+    return v if isinstance(v, (bool, int, float, str, type(None))) else None
 
 
 # --------------------------------------------------------------------------
@@ -794,11 +911,14 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     taps = [[jnp.zeros((batch,) + tuple(s.shape), s.dtype) for s in per_call] for per_call in specs]
     fb_pos = list(plan.fallback)
 
+    options = {}
+
     def loss_and_inputs(fb_vals, taps, tv, ntv, xi, yi, swi):
         tv = list(tv)
         for p, v in zip(fb_pos, fb_vals):
             tv[p] = v
         tapper = _Taps(plan.entries, taps)
+        options["calls"] = tapper.options  # Python values, read after the trace
         loss, (unscaled, y_pred) = _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi)
         return loss, (unscaled, y_pred, tapper.inputs)
 
@@ -811,8 +931,10 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     # Named scopes label the norm and sum work in profiles (tools/profile_summary.py).
     with jax.named_scope("dp_ghost_norms"):
         reps = {}
-        for entry, ins, gs in zip(plan.entries, inputs, tap_grads):
-            if ins:
+        for entry, ins, gs, opts in zip(plan.entries, inputs, tap_grads, options["calls"]):
+            if ins and entry.rule.uses_call_options:
+                got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles), opts)
+            elif ins:
                 got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles))
             else:
                 got = {}

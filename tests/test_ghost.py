@@ -160,6 +160,39 @@ def test_embedding_with_repeated_ids_a_shared_table_and_shards():
     _assert_match(model, x, rng.normal(size=(6, 2)).astype("float32"), clip=0.3, num_shards=2)
 
 
+def _reversible_model(tie_weights, soft_cap=None):
+    """ids -> ReversibleEmbedding lookup -> Dense -> the same layer in reverse
+    (logits over the vocabulary), as keras-hub's language models use it."""
+    ids = keras.Input((6,), dtype="int32")
+    emb = layers.ReversibleEmbedding(5, 4, tie_weights=tie_weights, logit_soft_cap=soft_cap)
+    h = layers.Dense(4, activation="tanh")(emb(ids))
+    logits = emb(h, reverse=True)  # (B, 6, 5)
+    return _compiled(ids, layers.Dense(2)(layers.Flatten()(logits))), emb
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_reversible_embedding_lookups_and_reverse_projection(tie_weights):
+    """Tied: the table's per-example gradient is a scatter of rows plus a
+    dense projection gradient, whose cross term the norm must include."""
+    rng = _rng(5)
+    model, emb = _reversible_model(tie_weights)
+    assert not ghost.build_plan(model).fallback
+    x = rng.integers(0, 5, size=(5, 6)).astype("int32")  # 6 ids from 5 rows: repeats
+    _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.2, num_shards=None)
+    _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.2,
+                  mask=[True, False, True, True, False])
+
+
+def test_reversible_embedding_with_a_logit_soft_cap_falls_back():
+    rng = _rng(6)
+    model, emb = _reversible_model(True, soft_cap=2.0)
+    plan = ghost.build_plan(model)
+    positions = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    assert positions[id(emb.embeddings)] in plan.fallback
+    x = rng.integers(0, 5, size=(4, 6)).astype("int32")
+    _assert_match(model, x, rng.normal(size=(4, 2)).astype("float32"), clip=0.2)
+
+
 NORMS = [
     (lambda: layers.LayerNormalization(), (4, 6)),
     (lambda: layers.LayerNormalization(axis=[1, 2]), (4, 6)),

@@ -34,3 +34,32 @@ def test_small_bert_backbone_trains_with_dp_through_make_private():
     assert np.isfinite(hist.history["loss"][0])
     assert hist.history["epsilon"][0] == pytest.approx(accounting.epsilon(0.25, 0.8, 3, 1 / 960), rel=1e-5)
     assert sum(not np.allclose(a, b) for a, b in zip(before, after)) >= len(before) // 2
+
+
+def test_keras_hub_reversible_embedding_uses_the_ghost_rule():
+    """keras-hub's ReversibleEmbedding (its language models' token table,
+    tied to the output projection) is covered by the ghost rule, not the
+    per-example fallback, and matches the vectorized clipped sum."""
+    from tests.conftest import BACKEND
+
+    if BACKEND != "jax":
+        pytest.skip("ghost clipping is JAX's")
+    from keras_dpsgd import ghost
+    from tests.test_ghost import _assert_match, _compiled
+
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    emb = keras_hub.layers.ReversibleEmbedding(5, 4)
+    assert type(emb) is not keras.layers.ReversibleEmbedding
+    h = keras.layers.Dense(4, activation="tanh")(emb(ids))
+    model = _compiled(ids, keras.layers.Dense(2)(keras.layers.Flatten()(emb(h, reverse=True))))
+    assert not ghost.build_plan(model).fallback
+    rng = np.random.default_rng(0)
+    _assert_match(model, rng.integers(0, 5, size=(4, 6)).astype("int32"),
+                  rng.normal(size=(4, 2)).astype("float32"), clip=0.3)
+
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
+                                             intermediate_dim=32, max_sequence_length=12)
+    plan = ghost.build_plan(backbone)
+    positions = {id(v): i for i, v in enumerate(backbone.trainable_variables)}
+    assert positions[id(backbone.token_embedding.embeddings)] not in plan.fallback
