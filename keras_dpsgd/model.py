@@ -296,9 +296,7 @@ class DPModel(keras.Model):
                         assign = getattr(runner, "assign", lambda var, value: var.assign(value))
                         assign(opt.noise_seed, sampling.new_seed_words(None)[:2].view(np.int32))
                     for batch in feeder.logical_batch(steps_taken):
-                        logs = runner.run(batch)
-                    if hasattr(runner, "end_logical_step"):  # JAX: the noisy update, once (I2)
-                        runner.end_logical_step()
+                        logs = runner.run(batch)  # the last one also adds noise and updates (I2)
                     steps_taken += 1
                     step_logs = dict(logs)
                     if accountant == "rdp":

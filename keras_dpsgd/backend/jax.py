@@ -242,12 +242,17 @@ class Runner:
                 self.state = jax.tree_util.tree_map(
                     lambda a: jax.device_put(a, a.sharding), self.state)
             m._jax_state_synced = False
-        logs, self.state = m.train_function(self.state, iter([data]))
+        x, y, sample_weight, mask, is_last = data
+        logs, self.state = m.train_function(self.state, iter([(x, y, sample_weight, mask, None)]))
         self._publish()
+        # The step does not read is_last; `load` / `prepare` keep it on the host.
+        if bool(np.asarray(jax.device_get(is_last)).reshape(-1)[0]):
+            self.end_logical_step()
         return logs
 
     def end_logical_step(self):
-        """After the last physical batch of a logical step: the noisy update."""
+        """After the last physical batch of a logical step: the noisy update
+        (`run` calls it when the batch's is_last is set)."""
         tv, ntv, ov, mv = self.state
         tv, ov = self._apply(tv, ov)
         self.state = (tv, ntv, ov, mv)
@@ -285,6 +290,7 @@ class Runner:
         if dist is None or shards == 1 or len(jax.local_devices()) == 1:
             bx, by, bsw = source.take(idx)
             return self.prepare((bx, by, bsw, mask, is_last))
+        is_last = np.asarray(is_last)
         p = len(idx)
         rows = _shard_spec(dist, 1).backend_layout.addressable_devices_indices_map((p,))
         order = list(rows)
@@ -292,7 +298,7 @@ class Runner:
         def one(device):
             (sl,) = rows[device]
             bx, by, bsw = source.take(idx[sl])
-            return jax.device_put((bx, by, bsw, mask[sl], is_last[sl]), device)
+            return jax.device_put((bx, by, bsw, mask[sl]), device)
 
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -305,10 +311,15 @@ class Runner:
             sharding = _shard_spec(dist, len(shape)).backend_layout
             return jax.make_array_from_single_device_arrays(shape, sharding, list(parts))
 
-        return jax.tree_util.tree_map(assemble, *pieces)
+        return jax.tree_util.tree_map(assemble, *pieces) + (is_last,)
 
     def prepare(self, data):
-        """Places one physical batch on the device(s); runs on the feeder thread."""
+        """Places one physical batch on the device(s), all but is_last, which
+        stays on the host for `run`; runs on the feeder thread."""
+        data, is_last = tuple(data[:4]), np.asarray(data[4])
+        return self._place(data) + (is_last,)
+
+    def _place(self, data):
         dist = self._dist
         if dist is None:
             return jax.device_put(data)
