@@ -71,3 +71,67 @@ def test_bench_failure_is_reported_not_fatal(tmp_path):
     assert row["variant"] == "opacus_hooks"
     assert row["status"] in ("failed", "skipped")
     assert "opacus_hooks" in proc.stdout
+
+
+def test_bench_scaling_tiny_two_devices_with_a_traced_window(tmp_path):
+    """tools/bench_scaling.py on forced CPU devices: one row per device
+    count, efficiencies against the 1-device row, a trace of the timed
+    logical step that profile_summary.py --gaps reads."""
+    out, prof = tmp_path / "scaling.json", tmp_path / "prof"
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench_scaling.py"), "--tiny", "--gpus", "1,2",
+         "--logical-batch", "64", "--sampling-rate", "0.5", "--logical-steps", "2", "--per-gpu", "8",
+         "--clipping", "ghost", "--steps", "3", "--warmup", "1", "--json", str(out),
+         "--profile-dir", str(prof), "--profile-batches", "2"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["gpus"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {1, 2}
+    assert rows[1]["dp_efficiency"] == 1.0
+    assert rows[2]["dp_shards"] == 2 and rows[2]["dp_physical_batch"] == 16
+    assert 0 < rows[2]["dp_efficiency"] and 0 < rows[2]["nonprivate_efficiency"]
+    summary = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "profile_summary.py"), str(prof), "--gaps",
+         "--json", str(tmp_path / "gaps.json")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert summary.returncode == 0, summary.stdout + summary.stderr
+    gaps = json.loads((tmp_path / "gaps.json").read_text())
+    assert len(gaps) == 2  # one trace per device count
+    assert all(g["host_top_ms"] for g in gaps)  # host-side events were traced
+
+
+def test_profile_summary_categories_and_busy_time(tmp_path):
+    """profile_summary.py on a hand-made Perfetto trace: scope categories,
+    kernel kinds, and busy time as the union of overlapping kernels."""
+    import gzip
+
+    sys.path.insert(0, REPO)
+    from tools import profile_summary
+
+    def kernel(name, ts, dur, op):
+        return {"ph": "X", "pid": 7, "name": name, "ts": ts, "dur": dur, "args": {"name": op, "hlo_op": name}}
+
+    events = [
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "Host Threads"}},
+        kernel("sm90_xmma_gemm_a", 0, 400, "jit(train_step)/vmap(jvp(vit))/dense/dot_general"),
+        kernel("loop_fusion_1", 300, 300, "jit(train_step)/vmap(transpose(jvp(vit)))/dense/mul"),
+        kernel("gemm_fusion_dot_2", 1000, 200, "jit(train_step)/dp_ghost_norms/dot_general"),
+        kernel("input_reduce_fusion", 1300, 100, "jit(train_step)/dp_ghost_sums/reduce_sum"),
+        {"ph": "X", "pid": 1, "name": "PjitFunction(train_step)", "ts": 0, "dur": 50},
+    ]
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    r = profile_summary.summarize(str(d / "perfetto_trace.json.gz"), steps=1, top=5)
+    assert r["categories_ms_per_step"] == pytest.approx(
+        {"forward": 0.4, "backward": 0.3, "dp_ghost_norms": 0.2, "dp_ghost_sums": 0.1})
+    kinds = {(c, k): v for c, k, v in r["category_and_kernel_kind_ms_per_step"]}
+    assert kinds[("forward", "matmul")] == pytest.approx(0.4)
+    assert kinds[("dp_ghost_sums", "reduction")] == pytest.approx(0.1)
+    g = profile_summary.gaps(str(d / "perfetto_trace.json.gz"))
+    dev = g["devices"]["/device:GPU:0"]
+    # Kernels cover [0, 600], [1000, 1200], [1300, 1400] of a 1400 us window: 0.9 ms busy.
+    assert dev["busy_ms"] == pytest.approx(0.9) and dev["window_ms"] == pytest.approx(1.4)
+    assert g["host_top_ms"][0][0] == "PjitFunction(train_step)"

@@ -720,17 +720,20 @@ def worker_keras_dpsgd(args, out):
     # its logical step (clip, sum, noise, update), as fit runs it.
     x, y = x_all[: args.batch], y_all[: args.batch]
     mask = np.ones((args.batch,), bool)
-    data = (jax.device_put(x), jax.device_put(y), None, jax.device_put(mask), jax.device_put(mask))
+    from keras_dpsgd.backend import jax as jax_backend
+
+    # Newer keras_dpsgd: the step does not read is_last (fit passes None);
+    # older ones branch on it inside the step.
+    new_api = hasattr(jax_backend, "apply_function")
+    data = (jax.device_put(x), jax.device_put(y), None, jax.device_put(mask),
+            None if new_api else jax.device_put(mask))
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                  optimizer_variables=True, metrics_variables=True,
                                  purge_model_variables=True)
     box = [state]
     # Newer keras_dpsgd applies the noisy update in a separate jitted step
-    # after the last physical batch; older ones branch on is_last inside.
-    from keras_dpsgd.backend import jax as jax_backend
-
-    apply = getattr(jax_backend, "apply_function", None)
-    apply = apply(model) if apply else None
+    # after the last physical batch.
+    apply = jax_backend.apply_function(model) if new_api else None
 
     def step():
         logs, box[0] = model.train_function(box[0], iter([data]))
@@ -754,7 +757,8 @@ def worker_keras_dpsgd(args, out):
     # A physical batch that is not the last of its logical step: clip, sum,
     # accumulate (no noise, no update). Most physical batches of a large
     # logical batch are of this kind. Same executable as above.
-    not_last = (data[0], data[1], None, data[3], jax.device_put(np.zeros((args.batch,), bool)))
+    not_last = (data[0], data[1], None, data[3],
+                None if new_api else jax.device_put(np.zeros((args.batch,), bool)))
     box_acc = [box[0]]
 
     def step_acc():

@@ -301,6 +301,8 @@ def measure_dp(mode, weights, x, y, xb, yb):
     step_fns = {}
     for kind, last in (("accumulate", False), ("apply", True)):
         data = (xb, yb, None, mask, np.full((p,), last))
+        if BACKEND == "jax" and hasattr(dp_backend.impl, "apply_function"):
+            data = data[:4] + (None,)  # as fit passes it: the step does not read is_last
         step_fns[kind] = jax_step_fn(dp, data, last) if BACKEND == "jax" else dp_runner_step_fn(dp, data)
     return step_fns, {
         "clipping_requested": mode, "clipping_used": used,

@@ -69,6 +69,7 @@ def worker(args):
     x_all = bench.SyntheticRows(n, xb)
     y_all = np.random.default_rng(1).integers(0, spec["classes"], size=(n,), dtype=np.int32)
     timer = bench.FitTimer(jax, counter)
+    traced = _trace_fit_window(jax, args, k)
     model.fit(x_all, y_all, batch_size=args.logical_batch, epochs=1, steps_per_epoch=args.logical_steps,
               l2_norm_clip=1.0, noise_multiplier=1.0, physical_batch_size=phys, seed=0, verbose=0,
               callbacks=[timer], **({"clipping": args.clipping} if args.clipping else {}))
@@ -83,7 +84,52 @@ def worker(args):
     rec["dp_physical_batch"] = phys
     rec["dp_shards"] = model.optimizer.num_shards
     rec["compiles"] = counter.summary()
+    traced()
     print("RESULT " + json.dumps(rec), flush=True)
+
+
+def _trace_fit_window(jax, args, k):
+    """With --profile-dir: trace --profile-batches physical batches of the
+    last logical step of the fit (Perfetto JSON in <dir>/gpus<k>; summarize
+    with tools/profile_summary.py --gaps). Returns a function that stops a
+    trace still running."""
+    if not args.profile_dir:
+        return lambda: None
+    from keras_dpsgd.backend import jax as jax_backend
+
+    import numpy as np
+
+    run = jax_backend.Runner.run
+    state = {"logical": 0, "in_step": 0, "traced": 0, "on": False}
+
+    def traced_run(self, data):
+        last = bool(np.asarray(jax.device_get(data[4])).reshape(-1)[0])
+        state["in_step"] += 1
+        # From the 2nd physical batch of the last logical step on.
+        if (state["logical"] == args.logical_steps - 1 and state["in_step"] == 2 and not state["on"]
+                and not state["traced"]):
+            jax.profiler.start_trace(os.path.join(args.profile_dir, f"gpus{k}"), create_perfetto_trace=True)
+            state["on"] = True
+        out = run(self, data)
+        if state["on"]:
+            state["traced"] += 1
+            if state["traced"] >= args.profile_batches or last:
+                jax.block_until_ready(self.state)
+                jax.profiler.stop_trace()
+                state["on"] = False
+        if last:
+            state["logical"] += 1
+            state["in_step"] = 0
+        return out
+
+    jax_backend.Runner.run = traced_run
+
+    def stop():
+        if state["on"]:
+            jax.profiler.stop_trace()
+            state["on"] = False
+
+    return stop
 
 
 def main(argv=None):
@@ -101,6 +147,9 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small model on forced CPU devices")
     p.add_argument("--jax-cache-dir", default=None)
     p.add_argument("--json", default="out/scaling.json")
+    p.add_argument("--profile-dir", default=None,
+                   help="trace a few physical batches of the timed logical step (one trace per GPU count)")
+    p.add_argument("--profile-batches", type=int, default=6)
     p.add_argument("--merge", default=None,
                    help="comma list of JSON files from earlier runs (e.g. one per GPU count): "
                         "print and plot them together into --json, run nothing")

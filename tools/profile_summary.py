@@ -68,6 +68,45 @@ def kind(kernel_name):
     return "elementwise/other"
 
 
+def _union_ms(intervals):
+    """Length of the union of (start, end) intervals, in ms (trace times are us)."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e3
+
+
+def gaps(path, top=12):
+    """Per device: how busy it was over the traced window (kernel-time union /
+    window), and the host-side events that took longest (to tell a
+    device-bound step from one waiting on the host or on other devices)."""
+    events = _events(path)
+    pids, names = _device_pids(events)
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("dur") is not None]
+    per_dev = collections.defaultdict(list)
+    for e in kernels:
+        if e.get("pid") in pids:
+            per_dev[names[e["pid"]]].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    out = {"trace": path, "devices": {}}
+    for dev, iv in sorted(per_dev.items()):
+        window = (max(b for _, b in iv) - min(a for a, _ in iv)) / 1e3
+        busy = _union_ms(iv)
+        out["devices"][dev] = {"window_ms": window, "busy_ms": busy, "busy_fraction": busy / window if window else None}
+    host = collections.Counter()
+    count = collections.Counter()
+    for e in kernels:
+        if e.get("pid") not in pids:
+            host[e.get("name", "?")[:70]] += float(e["dur"]) / 1e3
+            count[e.get("name", "?")[:70]] += 1
+    out["host_top_ms"] = [(k, v, count[k]) for k, v in host.most_common(top)]
+    return out
+
+
 def summarize(path, steps, top):
     events = _events(path)
     pids, names = _device_pids(events)
@@ -105,12 +144,27 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps in each trace")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", default=None)
+    p.add_argument("--gaps", action="store_true",
+                   help="instead: per device, busy time over the traced window, and the longest host events")
     args = p.parse_args(argv)
     paths = sorted({f for d in args.dirs for f in glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"),
                                                              recursive=True)})
     if not paths:
         print("no perfetto_trace.json.gz found", file=sys.stderr)
         return 1
+    if args.gaps:
+        out = [gaps(path, args.top) for path in paths]
+        for r in out:
+            print(f"\n## {os.path.relpath(r['trace'])}")
+            for dev, d in r["devices"].items():
+                print(f"  {dev}: busy {d['busy_ms']:.1f} of {d['window_ms']:.1f} ms ({100 * (d['busy_fraction'] or 0):.0f} %)")
+            print("  longest host events (total ms, count):")
+            for k, v, n in r["host_top_ms"]:
+                print(f"    {v:9.1f} ms {n:6d}  {k}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     out = []
     for path in paths:
         r = summarize(path, args.steps, args.top)

@@ -184,10 +184,10 @@ def keras_dpsgd_compare(batch, steps, warmup):
     dp.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=1, l2_norm_clip=1.0,
            noise_multiplier=1.1, physical_batch_size=batch, seed=0, verbose=0)
     mask = jax.device_put(np.ones((batch,), bool))
-    data = (jax.device_put(xb), jax.device_put(yb), None, mask, mask)
     from keras_dpsgd.backend import jax as jax_backend
 
     apply = getattr(jax_backend, "apply_function", None)
+    data = (jax.device_put(xb), jax.device_put(yb), None, mask, None if apply else mask)
     out["dp_physical_step_ms"] = timed(dp, data, apply(dp) if apply else None) * 1e3
     out["dp_ratio"] = out["dp_physical_step_ms"] / out["nonprivate_ms"]
     return out
