@@ -478,10 +478,9 @@ class TiedEmbeddingGrad:
     segment-sum of the lookups plus one weighted product for the projection.
     """
 
-    def __init__(self, lookup, ids, g_lookup, h, g_logits):
-        self.lookup = lookup                  # EmbeddingGrad or None
-        self.ids, self.g_lookup = ids, g_lookup  # (B, T1), (B, T1, D)
-        self.h, self.g_logits = h, g_logits      # (B, T2, D), (B, T2, V)
+    def __init__(self, lookup, h, g_logits):
+        self.lookup = lookup                  # EmbeddingGrad (ids (B, T1), g (B, T1, D)) or None
+        self.h, self.g_logits = h, g_logits   # (B, T2, D), (B, T2, V)
 
     def sq_norm(self):
         h, g = self.h, self.g_logits
@@ -490,8 +489,8 @@ class TiedEmbeddingGrad:
         out = ops.sum(hh * gg, axis=(1, 2))
         if self.lookup is not None:
             out = out + self.lookup.sq_norm()
-            picked = jnp.take_along_axis(g, self.ids[:, None, :], axis=2)  # (B, T2, T1): G[s, id_t]
-            dots = ops.einsum("bsd,btd->bst", h, self.g_lookup)
+            picked = jnp.take_along_axis(g, self.lookup.ids[:, None, :], axis=2)  # (B, T2, T1): G[s, id_t]
+            dots = ops.einsum("bsd,btd->bst", h, self.lookup.g)
             out = out + 2.0 * ops.sum(picked * dots, axis=(1, 2))
         return out
 
@@ -542,9 +541,7 @@ class ReversibleEmbeddingRule(GhostRule):
         if layer.tie_weights:
             if "embeddings" in roles:
                 if reverses:
-                    ids = lookup.ids if lookup is not None else None
-                    g_lookup = lookup.g if lookup is not None else None
-                    out["embeddings"] = TiedEmbeddingGrad(lookup, ids, g_lookup, h, g_logits)
+                    out["embeddings"] = TiedEmbeddingGrad(lookup, h, g_logits)
                 elif lookup is not None:
                     out["embeddings"] = lookup
             return out

@@ -181,6 +181,12 @@ def test_reversible_embedding_lookups_and_reverse_projection(tie_weights):
     _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.2, num_shards=None)
     _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.2,
                   mask=[True, False, True, True, False])
+    # I4: NaN gradients in a real row (dropped, counted) and in a padded row
+    # (dropped) must not reach the table's sum through the cross term.
+    sw = np.array([1.0, np.nan, 1.0, np.nan, 1.0], "float32")
+    _, gh = _assert_match(model, x, rng.normal(size=(5, 2)).astype("float32"), clip=0.2, sw=sw,
+                          mask=[True, True, True, False, False])
+    assert list(gh["keep"]) == [True, False, True, False, False] and int(gh["nonfinite"]) == 1
 
 
 def test_reversible_embedding_with_a_logit_soft_cap_falls_back():
