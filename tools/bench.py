@@ -1184,7 +1184,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="results file (default out/bench.json)")
     p.add_argument("--log", default=None, help="append every worker's output here (default <json>.log)")
     p.add_argument("--fit-examples", type=int, default=None,
-                   help="training-set size N for the Poisson fit variants (default 1024; 64 with --tiny)")
+                   help="training-set size N for the Poisson fit variants (default max(1024, 4 x batch); 64 with --tiny)")
     p.add_argument("--variant-timeout", type=float, default=1800.0, help="seconds per variant")
     p.add_argument("--jax-cache-dir", default=None, help="JAX persistent compilation cache dir")
     p.add_argument("--dp-clipping", default="vectorized", choices=["vectorized", "ghost", "auto"],
@@ -1209,7 +1209,8 @@ def main(argv=None):
     if args.batch is None:
         args.batch = 8 if args.tiny else 64
     if args.fit_examples is None:
-        args.fit_examples = 64 if args.tiny else 1024
+        # q = batch / N stays <= 1/4 at large batches (the fit needs q <= 1).
+        args.fit_examples = 64 if args.tiny else max(1024, 4 * args.batch)
 
     if args.worker:
         return worker_main(args)

@@ -70,16 +70,26 @@ def worker(args):
     y_all = np.random.default_rng(1).integers(0, spec["classes"], size=(n,), dtype=np.int32)
     timer = bench.FitTimer(jax, counter)
     traced = _trace_fit_window(jax, args, k)
-    model.fit(x_all, y_all, batch_size=args.logical_batch, epochs=1, steps_per_epoch=args.logical_steps,
+    # With a trace, one more logical step runs after the timed ones and is
+    # traced there: the profiler's own cost (seconds to collect and write a
+    # multi-GPU trace) stays out of the timed steps.
+    extra = 1 if args.profile_dir else 0
+    model.fit(x_all, y_all, batch_size=args.logical_batch, epochs=1, steps_per_epoch=args.logical_steps + extra,
               l2_norm_clip=1.0, noise_multiplier=1.0, physical_batch_size=phys, seed=0, verbose=0,
               callbacks=[timer], **({"clipping": args.clipping} if args.clipping else {}))
     from keras_dpsgd import sampling
 
     sampler = sampling.PoissonSampler(n, args.logical_batch / n, model.optimizer.config_values()["sampler_seed_words"])
-    sizes = [len(sampler.sample(t)) for t in range(len(timer.times))]
-    steady = list(zip(sizes, timer.times))[1:]
+    times = timer.times[:args.logical_steps]
+    sizes = [len(sampler.sample(t)) for t in range(len(times))]
+    steady = list(zip(sizes, times))[1:]
+    if any(timer.compiled[1:args.logical_steps]):
+        print(f"# warning: a timed logical step compiled: {timer.compiled}", flush=True)
+    rec["dp_compiled_per_step"] = list(timer.compiled)
     rec["dp_examples_per_s"] = sum(s for s, _ in steady) / sum(t for _, t in steady)
-    rec["dp_step_s"] = [round(t, 3) for t in timer.times]
+    rec["dp_step_s"] = [round(t, 3) for t in times]
+    if extra:
+        rec["dp_traced_step_s"] = round(timer.times[-1], 3)
     rec["dp_logical_sizes"] = sizes
     rec["dp_physical_batch"] = phys
     rec["dp_shards"] = model.optimizer.num_shards
@@ -90,7 +100,7 @@ def worker(args):
 
 def _trace_fit_window(jax, args, k):
     """With --profile-dir: trace --profile-batches physical batches of the
-    last logical step of the fit (Perfetto JSON in <dir>/gpus<k>; summarize
+    extra, untimed logical step that ends the fit (Perfetto JSON in <dir>/gpus<k>; summarize
     with tools/profile_summary.py --gaps). Returns a function that stops a
     trace still running."""
     if not args.profile_dir:
@@ -106,7 +116,7 @@ def _trace_fit_window(jax, args, k):
         last = bool(np.asarray(jax.device_get(data[4])).reshape(-1)[0])
         state["in_step"] += 1
         # From the 2nd physical batch of the last logical step on.
-        if (state["logical"] == args.logical_steps - 1 and state["in_step"] == 2 and not state["on"]
+        if (state["logical"] == args.logical_steps and state["in_step"] == 2 and not state["on"]
                 and not state["traced"]):
             jax.profiler.start_trace(os.path.join(args.profile_dir, f"gpus{k}"), create_perfetto_trace=True)
             state["on"] = True

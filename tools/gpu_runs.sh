@@ -4,6 +4,8 @@
 #   bash tools/gpu_runs.sh ghost    OUT   # issue 5: one GPU (GPU 0), ViT-B/16, ResNet-18-GN, BERT-base
 #   bash tools/gpu_runs.sh scaling  OUT   # issue 6: 1, 2, 4 GPUs, ViT-B/16, logical batch ~32k, with
 #                                         # a trace of each and device busy time vs. wall time
+#   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
+#                                         # (BENCHMARKS.md), to check that it fits
 # (Run C in BENCHMARKS.md used an earlier form of `scaling`: see git history of this file.)
 #
 # Wheels for what the machine lacks (keras, dp-accounting, opacus, ...) are
@@ -44,6 +46,26 @@ case "$what" in
       --json "$out/scaling.json"
     python3 tools/profile_summary.py "$prof" --gaps > "$out/profile_gaps.txt"
     cat "$out/profile_gaps.txt"
+    ;;
+  maxbatch)
+    # The linear largest-batch estimates of the second GPU session, tried:
+    # one process per (model, variant, batch); an out-of-memory error is
+    # recorded in the JSON instead of a result. Cheapest compiles first.
+    export CUDA_VISIBLE_DEVICES=0
+    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
+    while read -r model variant batch; do
+      if (( $(date +%s) > deadline )); then echo "deadline: skipped $model $variant $batch"; continue; fi
+      python3 tools/bench.py --models "$model" --batch "$batch" --only "$variant" --precision tf32 \
+        --steps 3 --warmup 1 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log" \
+        --json "$out/max_${model}_${variant}_${batch}.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -4
+    done <<'RUNS'
+resnet18_gn keras_dpsgd 11912
+resnet18_gn keras 11888
+bert_base keras_dpsgd 400
+bert_base keras 416
+vit_b16 keras_dpsgd 560
+vit_b16 keras 576
+RUNS
     ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac
