@@ -30,7 +30,9 @@ non-finite rows get c_i = 0 and are removed with `where` (I4), as in
 
 Rules are registered per exact layer class (a subclass may change `call`):
 Dense, EinsumDense, Embedding, ReversibleEmbedding (also keras-hub's
-unchanged subclass), LayerNormalization, GroupNormalization, Conv1D/2D/3D.
+unchanged subclass), LayerNormalization, GroupNormalization,
+RMSNormalization, Conv1D/2D/3D; keras-hub's PositionEmbedding and
+RMSNormalization.
 `register_rule` adds more. Norm and sum rules use keras.ops;
 the tracing machinery and the convolution pieces (patches, weight
 gradients) use JAX.
@@ -170,6 +172,21 @@ class EmbeddingGrad:
         s = ops.segment_sum(ops.reshape(g, (-1, d)), ops.reshape(ids, (-1,)),
                             num_segments=shards * self.vocab)
         return ops.reshape(s, (shards, self.vocab, d))
+
+
+class RowsGrad:
+    """Per-example gradient that is `rows` (B, T, d) at rows [start, start + T)
+    of a (num_rows, d) table and zero elsewhere (distinct rows)."""
+
+    def __init__(self, rows, start, num_rows):
+        self.rows, self.start, self.num_rows = rows, start, num_rows
+
+    def sq_norm(self):
+        return ops.sum(ops.square(self.rows), axis=(1, 2))
+
+    def clipped_sum(self, factors, keep, shards):
+        s = ops.sum(_shard(_select(self.rows * _expand(factors, 3), keep), shards), axis=1)
+        return ops.pad(s, [[0, 0], [self.start, self.num_rows - self.start - s.shape[1]], [0, 0]])
 
 
 class ZeroGrad:
@@ -557,12 +574,17 @@ class _AffineNormRule(GhostRule):
     """Normalization layers whose output is xhat * gamma + beta (broadcast):
     per-example d gamma = sum(g * xhat), d beta = sum(g) over the axes gamma
     is broadcast along. xhat comes from the layer itself with gamma = 1,
-    beta = 0 (Keras' own normalization code, so every option matches)."""
+    beta = 0 (Keras' own normalization code, so every option matches).
+    `scale` / `shift` name the layer's attributes for gamma and beta (the
+    roles keep those names); `shift = None`: no beta."""
 
     tap = "output"
+    scale, shift = "gamma", "beta"
 
     def variables(self, layer):
-        roles = {"gamma": _variable(layer, "gamma"), "beta": _variable(layer, "beta")}
+        roles = {self.scale: _variable(layer, self.scale)}
+        if self.shift is not None:
+            roles[self.shift] = _variable(layer, self.shift)
         known = {id(v) for v in roles.values() if v is not None}
         if any(id(v) not in known for v in layer.variables):
             return None
@@ -572,11 +594,12 @@ class _AffineNormRule(GhostRule):
         raise NotImplementedError
 
     def prepare(self, layer, calls, roles):
-        gamma, beta = _variable(layer, "gamma"), _variable(layer, "beta")
+        gamma = _variable(layer, self.scale)
+        beta = _variable(layer, self.shift) if self.shift is not None else None
         dgamma, dbeta = [], []
         for a, g in calls:
             g = _f32(g)
-            if "gamma" in roles:
+            if self.scale in roles:
                 def value(v):
                     return ops.ones(v.shape, v.dtype) if v is gamma else ops.zeros(v.shape, v.dtype)
 
@@ -585,20 +608,21 @@ class _AffineNormRule(GhostRule):
                                                _merge_example_axis(a))
                 xhat = ops.reshape(_f32(xhat), g.shape)
                 dgamma.append(ops.reshape(self._reduce(layer, g * xhat), (-1,) + tuple(gamma.shape)))
-            if "beta" in roles:
+            if self.shift is not None and self.shift in roles:
                 dbeta.append(ops.reshape(self._reduce(layer, g), (-1,) + tuple(beta.shape)))
         out = {}
-        if "gamma" in roles:
-            out["gamma"] = PerExampleGrad(_sum_calls(dgamma))
-        if "beta" in roles:
-            out["beta"] = PerExampleGrad(_sum_calls(dbeta))
+        if self.scale in roles:
+            out[self.scale] = PerExampleGrad(_sum_calls(dgamma))
+        if self.shift is not None and self.shift in roles:
+            out[self.shift] = PerExampleGrad(_sum_calls(dbeta))
         return out
 
 
 class LayerNormalizationRule(_AffineNormRule):
     def _reduce(self, layer, t):
         rank = len(t.shape) - 1  # the rank the layer saw
-        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        axis = getattr(layer, "axis", -1)
+        axes = axis if isinstance(axis, (list, tuple)) else [axis]
         keep = sorted(ax % rank for ax in axes)
         return ops.sum(t, axis=tuple(d + 1 for d in range(rank) if d not in keep))
 
@@ -610,6 +634,50 @@ class GroupNormalizationRule(_AffineNormRule):
         return ops.sum(t, axis=tuple(d + 1 for d in range(rank) if d != channel))
 
 
+class RMSNormalizationRule(LayerNormalizationRule):
+    """x * rsqrt(mean(x^2) + eps) * scale over `axis` (default -1): Keras'
+    RMSNormalization and keras-hub's."""
+
+    scale, shift = "scale", None
+
+
+class PositionEmbeddingRule(GhostRule):
+    """keras-hub's PositionEmbedding: the output is the table's rows
+    [start_index, start_index + T) broadcast over the batch, so an
+    example's gradient is its output gradient summed over its leading axes,
+    placed at those rows (distinct rows: its squared norm is that of the
+    output gradient). `start_index` must be a Python int; per-token
+    `positions` (vLLM serving) are not covered."""
+
+    tap = "output"
+    uses_call_options = True
+
+    def variables(self, layer):
+        v = _variable(layer, "position_embeddings")
+        if v is None or len(layer.variables) != 1:
+            return None
+        return {"embeddings": v}
+
+    def prepare(self, layer, calls, roles, options):
+        rows_total, d = (int(n) for n in layer.position_embeddings.shape)
+        placed = []
+        for (a, g), opt in zip(calls, options):
+            if opt.get("positions", opt["args"][1] if len(opt["args"]) > 1 else None) is not None:
+                raise GhostUnsupportedError(f"PositionEmbedding {layer.name!r}: per-token positions.")
+            start = opt.get("start_index", opt["args"][0] if opt["args"] else 0)
+            if start is None:
+                raise GhostUnsupportedError(
+                    f"PositionEmbedding {layer.name!r}: `start_index` must be a Python int.")
+            t = int(g.shape[-2])
+            rows = ops.sum(ops.reshape(_f32(g), (g.shape[0], -1, t, d)), axis=1)
+            placed.append((int(start), rows))
+        if len(placed) == 1:
+            start, rows = placed[0]
+            return {"embeddings": RowsGrad(rows, start, rows_total)}
+        full = [ops.pad(r, [[0, 0], [st, rows_total - st - r.shape[1]], [0, 0]]) for st, r in placed]
+        return {"embeddings": PerExampleGrad(_sum_calls(full))}
+
+
 RULES = {
     keras.layers.Dense: DenseRule(),
     keras.layers.EinsumDense: EinsumDenseRule(),
@@ -617,6 +685,7 @@ RULES = {
     keras.layers.ReversibleEmbedding: ReversibleEmbeddingRule(),
     keras.layers.LayerNormalization: LayerNormalizationRule(),
     keras.layers.GroupNormalization: GroupNormalizationRule(),
+    keras.layers.RMSNormalization: RMSNormalizationRule(),
     keras.layers.Conv1D: ConvRule(),
     keras.layers.Conv2D: ConvRule(),
     keras.layers.Conv3D: ConvRule(),
@@ -624,15 +693,22 @@ RULES = {
 
 
 def _register_keras_hub():
-    """keras-hub's ReversibleEmbedding subclasses Keras' without changing any
-    method; its rule applies as is. Only looked at when keras_hub is imported."""
+    """keras-hub's layers with rules, registered when keras_hub is imported:
+    its ReversibleEmbedding (a subclass of Keras' that changes no method; the
+    same rule), PositionEmbedding and RMSNormalization."""
     import sys
 
-    hub = sys.modules.get("keras_hub")
-    cls = getattr(getattr(hub, "layers", None), "ReversibleEmbedding", None)
+    hub_layers = getattr(sys.modules.get("keras_hub"), "layers", None)
+    if hub_layers is None:
+        return
+    cls = getattr(hub_layers, "ReversibleEmbedding", None)
     if (cls is not None and cls not in RULES and issubclass(cls, keras.layers.ReversibleEmbedding)
             and not any(k in cls.__dict__ for k in ("call", "build", "__init__"))):
         RULES[cls] = RULES[keras.layers.ReversibleEmbedding]
+    for name, rule in (("PositionEmbedding", PositionEmbeddingRule), ("RMSNormalization", RMSNormalizationRule)):
+        cls = getattr(hub_layers, name, None)
+        if cls is not None and cls not in RULES:
+            RULES[cls] = rule()
 
 
 def register_rule(layer_class, rule):

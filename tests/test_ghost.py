@@ -206,6 +206,8 @@ NORMS = [
     (lambda: layers.LayerNormalization(rms_scaling=True), (3, 6)),
     (lambda: layers.GroupNormalization(groups=2), (4, 6)),
     (lambda: layers.GroupNormalization(groups=3, axis=1), (6, 2, 2)),
+    (lambda: layers.RMSNormalization(), (3, 6)),
+    (lambda: layers.RMSNormalization(axis=[1, 2]), (3, 6)),
 ]
 
 
@@ -215,6 +217,7 @@ def test_layer_and_group_normalization():
     norms = [make() for make, _ in NORMS]
     model = _branches([s for _, s in NORMS],
                       [lambda i, n=n, s=s: n(layers.Dense(s[-1])(i)) for n, (_, s) in zip(norms, NORMS)])
+    assert not ghost.build_plan(model).fallback  # every norm layer is ruled
     for norm in norms:  # non-trivial gamma / beta
         for v in norm.trainable_variables:
             v.assign(rng.normal(size=v.shape).astype("float32"))

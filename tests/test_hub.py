@@ -63,3 +63,41 @@ def test_keras_hub_reversible_embedding_uses_the_ghost_rule():
     plan = ghost.build_plan(backbone)
     positions = {id(v): i for i, v in enumerate(backbone.trainable_variables)}
     assert positions[id(backbone.token_embedding.embeddings)] not in plan.fallback
+
+
+def test_keras_hub_position_embedding_and_rms_normalization_use_ghost_rules():
+    """keras-hub's PositionEmbedding (with a start index, and called twice on
+    overlapping rows) and RMSNormalization have ghost rules that match the
+    vectorized path; keras-hub's BERT backbone then has no fallback weight."""
+    from tests.conftest import BACKEND
+
+    if BACKEND != "jax":
+        pytest.skip("ghost clipping is JAX's")
+    from keras_dpsgd import ghost
+    from tests.test_ghost import _assert_match, _compiled
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x = keras.Input((5, 4))
+    once = keras_hub.layers.PositionEmbedding(sequence_length=9)
+    twice = keras_hub.layers.PositionEmbedding(sequence_length=8)
+    rms = keras_hub.layers.RMSNormalization(4)
+    h = keras.layers.Dense(4)(x)
+    h = h + once(h, start_index=2)
+    h = h + twice(h) + twice(h, start_index=3)  # rows 3 and 4 get two positions' gradients
+    h = rms(keras.layers.Activation("tanh")(h))
+    model = _compiled(x, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    for layer in (once, twice, rms):
+        for v in layer.trainable_variables:
+            v.assign(rng.normal(size=v.shape).astype("float32"))
+    assert not ghost.build_plan(model).fallback
+    xs = rng.normal(size=(6, 5, 4)).astype("float32")
+    xs[4, 1, 2] = np.nan  # a non-finite example is dropped, its rows exactly zero (I4)
+    vec, _ = _assert_match(model, xs, rng.normal(size=(6, 2)).astype("float32"), clip=0.4,
+                           mask=[1, 1, 0, 1, 1, 1])
+    assert int(vec["nonfinite"]) == 1
+    _assert_match(model, xs[:4], rng.normal(size=(4, 2)).astype("float32"), clip=0.4, num_shards=2)
+
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
+                                             intermediate_dim=32, max_sequence_length=12)
+    assert not ghost.build_plan(backbone).fallback
