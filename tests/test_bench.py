@@ -135,3 +135,22 @@ def test_profile_summary_categories_and_busy_time(tmp_path):
     # Kernels cover [0, 600], [1000, 1200], [1300, 1400] of a 1400 us window: 0.9 ms busy.
     assert dev["busy_ms"] == pytest.approx(0.9) and dev["window_ms"] == pytest.approx(1.4)
     assert g["host_top_ms"][0][0] == "PjitFunction(train_step)"
+
+
+def test_bench_gram_tiny_forms_agree(tmp_path):
+    """tools/bench_gram.py --tiny: every norm form is timed, and every exact
+    form agrees with the float32 Gram norm (bf16 only roughly)."""
+    from tools import bench_gram
+
+    out = tmp_path / "gram.json"
+    rows = bench_gram.main(["--tiny", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert len(rows) == len(bench_gram.TINY_LAYERS) == len(doc["rows"])
+    for r in doc["rows"]:
+        assert set(r["ms"]) == {"gram", "gram_blocked", "materialize", "gram_highest", "gram_bf16",
+                                "select_scale", "weight_grad"}
+        assert all(v > 0 for v in r["ms"].values()), r
+        for form in ("gram", "gram_blocked", "materialize", "gram_highest"):
+            assert r["max_rel_err"][form] < 1e-5, (form, r)
+        assert r["max_rel_err"]["gram_bf16"] < 5e-2, r
+    assert doc["per_step_ms"]["gram"] == pytest.approx(sum(r["ms"]["gram"] for r in doc["rows"]))

@@ -1,0 +1,181 @@
+"""Micro-benchmark of the ghost-norm forms for one sequence layer (JAX only).
+
+Ghost clipping's per-example squared norm of a dense layer's weight gradient
+on a sequence, ||A_i^T G_i||_F^2 for A_i (T, d_in) and G_i (T, d_out), can be
+computed as:
+
+- ``gram``:        sum((A_i A_i^T) * (G_i G_i^T)), two batched T x T products
+                   (what `keras_dpsgd.ghost.LinearGrad` does when it is cheaper);
+- ``gram_blocked``: the same products split at T = 128 (T/2 for T <= 128) into the three blocks of
+                   the symmetric T x T matrices (P = [:128, :128], Q = [:128, 128:],
+                   R = [128:, 128:]; sum = <P,P'> + 2 <Q,Q'> + <R,R'>), for T just
+                   above a 128 tile (ViT: T = 197);
+- ``materialize``: A_i^T G_i formed (d_in x d_out per example), squared, summed;
+- ``gram_highest``: ``gram`` with full float32 matmuls (no TF32);
+- ``gram_bf16``:    ``gram`` with bf16 inputs and float32 accumulation (for
+                   reference only: too coarse for a DP clip bound).
+
+Also timed for scale: ``select_scale``, the `where(keep, c_i * G, 0)` pass over
+one tapped tensor that the book-keeping sum reads, and ``weight_grad``, the
+one matmul A^T (c * G) of the book-keeping sum (= a non-private weight
+gradient).
+
+The rows are ViT-B/16's four kinds of sequence layer (T = 197 tokens, width
+768, MLP 3072; q, k and v share their input's Gram), and the last column
+multiplies by 12 blocks: the norm time of a whole ViT-B/16 step per form.
+
+Usage (GPU machine):  python tools/bench_gram.py --batch 64 --precision tf32
+                      python tools/bench_gram.py --tiny      # CPU smoke run
+Prints a table; --json writes the numbers.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# name, T, d_in, d_out widths (q, k, v: one input Gram, three output Grams), count per block
+VIT_LAYERS = [
+    ("qkv (3 x 768 -> 768)", 197, 768, [768, 768, 768], 1),
+    ("attention out 768 -> 768", 197, 768, [768], 1),
+    ("mlp in 768 -> 3072", 197, 768, [3072], 1),
+    ("mlp out 3072 -> 768", 197, 3072, [768], 1),
+]
+TINY_LAYERS = [("tiny 8 -> 12", 9, 8, [12, 12], 1), ("tiny 16 -> 4", 9, 16, [4], 1)]
+
+
+def forms(jax, jnp):
+    hi = jax.lax.Precision.HIGHEST
+
+    def gram(a, gs, precision=None):
+        aa = jnp.einsum("btd,bsd->bts", a, a, precision=precision)
+        out = 0.0
+        for g in gs:
+            out = out + jnp.sum(aa * jnp.einsum("bte,bse->bts", g, g, precision=precision), axis=(1, 2))
+        return out
+
+    def gram_blocked(a, gs):
+        t = a.shape[1]
+        k = 128 if t > 128 else max(1, t // 2)  # --tiny: split anyway, to check the blocks
+
+        def blocks(x):
+            h, t = x[:, :k], x[:, k:]
+            return (jnp.einsum("btd,bsd->bts", h, h), jnp.einsum("btd,bsd->bts", h, t),
+                    jnp.einsum("btd,bsd->bts", t, t))
+
+        pa, qa, ra = blocks(a)
+        out = 0.0
+        for g in gs:
+            pg, qg, rg = blocks(g)
+            out = out + (jnp.sum(pa * pg, axis=(1, 2)) + 2.0 * jnp.sum(qa * qg, axis=(1, 2))
+                         + jnp.sum(ra * rg, axis=(1, 2)))
+        return out
+
+    def materialize(a, gs):
+        out = 0.0
+        for g in gs:
+            out = out + jnp.sum(jnp.square(jnp.einsum("btd,bte->bde", a, g)), axis=(1, 2))
+        return out
+
+    def gram_bf16(a, gs):
+        a = a.astype(jnp.bfloat16)
+        aa = jnp.einsum("btd,bsd->bts", a, a, preferred_element_type=jnp.float32)
+        out = 0.0
+        for g in gs:
+            g = g.astype(jnp.bfloat16)
+            out = out + jnp.sum(aa * jnp.einsum("bte,bse->bts", g, g, preferred_element_type=jnp.float32),
+                                axis=(1, 2))
+        return out
+
+    def select_scale(a, gs, keep, c):
+        return [jnp.where(keep[:, None, None], g * c[:, None, None], 0.0) for g in gs]
+
+    def weight_grad(a, gs, keep, c):
+        return [jnp.einsum("btd,bte->de", a, g * c[:, None, None]) for g in gs]
+
+    return {
+        "gram": gram,
+        "gram_blocked": gram_blocked,
+        "materialize": materialize,
+        "gram_highest": lambda a, gs: gram(a, gs, precision=hi),
+        "gram_bf16": gram_bf16,
+    }, {"select_scale": select_scale, "weight_grad": weight_grad}
+
+
+def timed(jax, fn, args, warmup, steps):
+    f = jax.jit(fn)
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="examples per physical batch")
+    p.add_argument("--precision", choices=["fp32", "tf32"], default="tf32",
+                   help="default matmul precision (ghost norms run at it)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    jax.config.update("jax_default_matmul_precision", "highest" if args.precision == "fp32" else "tensorfloat32")
+    norm_forms, passes = forms(jax, jnp)
+    layers = TINY_LAYERS if args.tiny else VIT_LAYERS
+    b = 4 if args.tiny else args.batch
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, t, d_in, d_outs, count in layers:
+        a = jnp.asarray(rng.normal(size=(b, t, d_in)).astype("float32"))
+        gs = [jnp.asarray(rng.normal(size=(b, t, d)).astype("float32")) for d in d_outs]
+        keep = jnp.asarray(rng.random(b) > 0.1)
+        c = jnp.asarray(rng.random(b).astype("float32"))
+        ref = np.asarray(jax.jit(lambda a, gs: norm_forms["gram"](a, gs, jax.lax.Precision.HIGHEST))(a, gs))
+        row = {"layer": name, "T": t, "d_in": d_in, "d_out": d_outs, "per_block": count, "ms": {},
+               "max_rel_err": {}}
+        gram_flops = 2 * b * t * t * (d_in + sum(d_outs))
+        for fname, fn in norm_forms.items():
+            row["ms"][fname] = 1e3 * timed(jax, fn, (a, gs), args.warmup, args.steps)
+            got = np.asarray(jax.jit(fn)(a, gs))
+            row["max_rel_err"][fname] = float(np.max(np.abs(got - ref) / np.abs(ref)))
+        for fname, fn in passes.items():
+            row["ms"][fname] = 1e3 * timed(jax, fn, (a, gs, keep, c), args.warmup, args.steps)
+        row["gram_tflops"] = gram_flops / (row["ms"]["gram"] * 1e-3) / 1e12
+        rows.append(row)
+
+    device = f"{jax.devices()[0].platform}:{getattr(jax.devices()[0], 'device_kind', '')}"
+    names = list(norm_forms) + list(passes)
+    print(f"# {device}, jax {jax.__version__}, batch {b}, {args.precision}; ms per call (median of {args.steps})")
+    print(f"{'layer':<26}" + "".join(f"{n:>14}" for n in names) + f"{'gram TFLOP/s':>14}")
+    total = {n: 0.0 for n in names}
+    for r in rows:
+        print(f"{r['layer']:<26}" + "".join(f"{r['ms'][n]:>14.3f}" for n in names) + f"{r['gram_tflops']:>14.1f}")
+        for n in names:
+            total[n] += r["ms"][n] * r["per_block"]
+    blocks = 1 if args.tiny else 12
+    print(f"{'x ' + str(blocks) + ' blocks':<26}" + "".join(f"{blocks * total[n]:>14.2f}" for n in names))
+    print("max relative error of the norms vs float32 (highest):")
+    for r in rows:
+        print(f"  {r['layer']:<24}" + "".join(f" {n}={r['max_rel_err'][n]:.1e}" for n in norm_forms))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "jax": jax.__version__, "batch": b, "precision": args.precision,
+                       "blocks": blocks, "rows": rows,
+                       "per_step_ms": {n: blocks * total[n] for n in names}}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
