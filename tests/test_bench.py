@@ -154,3 +154,20 @@ def test_bench_gram_tiny_forms_agree(tmp_path):
             assert r["max_rel_err"][form] < 1e-5, (form, r)
         assert r["max_rel_err"]["gram_bf16"] < 5e-2, r
     assert doc["per_step_ms"]["gram"] == pytest.approx(sum(r["ms"]["gram"] for r in doc["rows"]))
+
+
+def test_bench_tiny_torch_models_run(tmp_path):
+    """The torch twins of the bench models (the Opacus baselines' networks)
+    train a step: BERT and ResNet-18-GN (ViT is timm's, not installed here)."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--tiny", "--models", "bert_base,resnet18_gn",
+         "--only", "torch", "--steps", "2", "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"bert_base", "resnet18_gn"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["examples_per_s"] > 0, r

@@ -354,7 +354,7 @@ def build_torch_model(name, spec, fix_vit):
                 super().__init__()
                 self.word = nn.Embedding(spec["vocab"], dim)
                 self.pos = nn.Embedding(spec["max_pos"], dim)
-                self.type = nn.Embedding(2, dim)
+                self.token_type = nn.Embedding(2, dim)  # not `type`: nn.Module.type is a method
                 self.emb_ln = nn.LayerNorm(dim, eps=1e-12)
                 self.layers = nn.Sequential(*[Layer() for _ in range(spec["depth"])])
                 self.pooler = nn.Linear(dim, dim)
@@ -362,8 +362,8 @@ def build_torch_model(name, spec, fix_vit):
 
             def forward(self, ids):
                 b, l = ids.shape
-                pos = torch.arange(l, device=ids.device).expand(b, l)
-                x = self.word(ids) + self.pos(pos) + self.type(torch.zeros_like(ids))
+                pos = torch.arange(l, device=ids.device).repeat(b, 1)  # contiguous: Opacus ghost views it
+                x = self.word(ids) + self.pos(pos) + self.token_type(torch.zeros_like(ids))
                 x = self.layers(self.emb_ln(x))
                 return self.classifier(torch.tanh(self.pooler(x[:, 0])))
 

@@ -28,7 +28,7 @@ case "$what" in
       "${common[@]}" --json "$out/vit_b16.json"
     python3 tools/bench.py --models resnet18_gn --batch 256 --only keras,keras_dpsgd,opacus_ghost \
       "${common[@]}" --json "$out/resnet18_gn.json"
-    python3 tools/bench.py --models bert_base --batch 32 --only keras,keras_dpsgd \
+    python3 tools/bench.py --models bert_base --batch 32 --only keras,keras_dpsgd,opacus_ghost \
       "${common[@]}" --json "$out/bert_base.json"
     python3 tools/profile_summary.py "$prof" --steps 3 --json "$out/profile.json" > "$out/profile.txt"
     cat "$out/profile.txt"
