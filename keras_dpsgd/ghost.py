@@ -60,6 +60,12 @@ logger = logging.getLogger("keras_dpsgd")
 # "gram" or "materialize" to check both forms.
 NORM_METHOD = "auto"
 
+# The Gram form's kernel: "xla" (two batched matmuls, default), "triton" (the
+# fused Pallas kernel of keras_dpsgd.kernels, on one NVIDIA GPU; elsewhere,
+# and under data parallelism, the XLA form is used) or "interpret" (the
+# same kernel through Pallas' interpreter, any backend: tests).
+GRAM_KERNEL = "xla"
+
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
 # at most this fraction of the trainable parameters.
 AUTO_MAX_FALLBACK_FRACTION = 0.25
@@ -97,6 +103,20 @@ def _use_gram(t, d_in, d_out):
     return t * (d_in + d_out) < d_in * d_out
 
 
+def _fused_gram(t, d_in, d_out):
+    """Whether the Gram norm goes to keras_dpsgd.kernels (GRAM_KERNEL)."""
+    if GRAM_KERNEL == "xla":
+        return False
+    if GRAM_KERNEL not in ("triton", "interpret"):
+        raise ValueError(f"GRAM_KERNEL must be 'xla', 'triton' or 'interpret', got {GRAM_KERNEL!r}.")
+    from keras_dpsgd import kernels
+    from keras_dpsgd.backend import jax as jax_backend
+
+    if not kernels.supported(t, d_in, d_out) or jax_backend.num_data_shards() > 1:
+        return False  # a Pallas call would not be split over the devices by GSPMD
+    return GRAM_KERNEL == "interpret" or jax.default_backend() == "gpu"
+
+
 class LinearGrad:
     """Per-example gradient a_i^T g_i (per group) of a dense-like weight.
 
@@ -116,6 +136,13 @@ class LinearGrad:
         if t == 1:
             return ops.sum(ops.sum(ops.square(a), axis=(2, 3)) * ops.sum(ops.square(g), axis=(2, 3)), axis=1)
         if _use_gram(t, d_in, d_out):
+            if _fused_gram(t, d_in, d_out):
+                from keras_dpsgd import kernels
+
+                b, k = a.shape[0], a.shape[1]
+                sq = kernels.gram_norm(ops.reshape(a, (b * k, t, d_in)), ops.reshape(g, (b * k, t, d_out)),
+                                       interpret=GRAM_KERNEL == "interpret")
+                return ops.sum(ops.reshape(sq, (b, k)), axis=1)
             aa = ops.einsum("bktd,bksd->bkts", a, a)
             gg = ops.einsum("bkte,bkse->bkts", g, g)
             return ops.sum(aa * gg, axis=(1, 2, 3))

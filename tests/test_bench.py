@@ -147,10 +147,10 @@ def test_bench_gram_tiny_forms_agree(tmp_path):
     doc = json.loads(out.read_text())
     assert len(rows) == len(bench_gram.TINY_LAYERS) == len(doc["rows"])
     for r in doc["rows"]:
-        assert set(r["ms"]) == {"gram", "gram_blocked", "materialize", "gram_highest", "gram_bf16",
+        assert set(r["ms"]) == {"gram", "gram_blocked", "materialize", "gram_highest", "gram_bf16", "fused",
                                 "select_scale", "weight_grad"}
         assert all(v > 0 for v in r["ms"].values()), r
-        for form in ("gram", "gram_blocked", "materialize", "gram_highest"):
+        for form in ("gram", "gram_blocked", "materialize", "gram_highest", "fused"):
             assert r["max_rel_err"][form] < 1e-5, (form, r)
         assert r["max_rel_err"]["gram_bf16"] < 5e-2, r
     assert doc["per_step_ms"]["gram"] == pytest.approx(sum(r["ms"]["gram"] for r in doc["rows"]))

@@ -13,7 +13,10 @@ computed as:
 - ``materialize``: A_i^T G_i formed (d_in x d_out per example), squared, summed;
 - ``gram_highest``: ``gram`` with full float32 matmuls (no TF32);
 - ``gram_bf16``:    ``gram`` with bf16 inputs and float32 accumulation (for
-                   reference only: too coarse for a DP clip bound).
+                   reference only: too coarse for a DP clip bound);
+- ``fused``:       `keras_dpsgd.kernels.gram_norm`, one Pallas (Triton) kernel per
+                   layer output, upper triangle only, no T x T matrix in memory
+                   (on a GPU; through Pallas' interpreter with --tiny on CPU).
 
 Also timed for scale: ``select_scale``, the `where(keep, c_i * G, 0)` pass over
 one tapped tensor that the book-keeping sum reads, and ``weight_grad``, the
@@ -36,6 +39,8 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # name, T, d_in, d_out widths (q, k, v: one input Gram, three output Grams), count per block
 VIT_LAYERS = [
     ("qkv (3 x 768 -> 768)", 197, 768, [768, 768, 768], 1),
@@ -43,10 +48,10 @@ VIT_LAYERS = [
     ("mlp in 768 -> 3072", 197, 768, [3072], 1),
     ("mlp out 3072 -> 768", 197, 3072, [768], 1),
 ]
-TINY_LAYERS = [("tiny 8 -> 12", 9, 8, [12, 12], 1), ("tiny 16 -> 4", 9, 16, [4], 1)]
+TINY_LAYERS = [("tiny 16 -> 2 x 32", 9, 16, [32, 32], 1), ("tiny 32 -> 16, T 70", 70, 32, [16], 1)]
 
 
-def forms(jax, jnp):
+def forms(jax, jnp, fused=False, interpret=False):
     hi = jax.lax.Precision.HIGHEST
 
     def gram(a, gs, precision=None):
@@ -95,13 +100,24 @@ def forms(jax, jnp):
     def weight_grad(a, gs, keep, c):
         return [jnp.einsum("btd,bte->de", a, g * c[:, None, None]) for g in gs]
 
-    return {
+    def fused_kernel(a, gs):
+        from keras_dpsgd import kernels
+
+        out = 0.0
+        for g in gs:
+            out = out + kernels.gram_norm(a, g, interpret=interpret)
+        return out
+
+    norm_forms = {
         "gram": gram,
         "gram_blocked": gram_blocked,
         "materialize": materialize,
         "gram_highest": lambda a, gs: gram(a, gs, precision=hi),
         "gram_bf16": gram_bf16,
-    }, {"select_scale": select_scale, "weight_grad": weight_grad}
+    }
+    if fused:
+        norm_forms["fused"] = fused_kernel
+    return norm_forms, {"select_scale": select_scale, "weight_grad": weight_grad}
 
 
 def timed(jax, fn, args, warmup, steps):
@@ -131,7 +147,9 @@ def main(argv=None):
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest" if args.precision == "fp32" else "tensorfloat32")
-    norm_forms, passes = forms(jax, jnp)
+    gpu = jax.default_backend() == "gpu"
+    # The fused kernel needs a GPU (Triton); --tiny runs it interpreted.
+    norm_forms, passes = forms(jax, jnp, fused=gpu or args.tiny, interpret=not gpu)
     layers = TINY_LAYERS if args.tiny else VIT_LAYERS
     b = 4 if args.tiny else args.batch
     rng = np.random.default_rng(0)

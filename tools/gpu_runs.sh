@@ -6,6 +6,8 @@
 #                                         # a trace of each and device busy time vs. wall time
 #   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
 #                                         # (BENCHMARKS.md), to check that it fits
+#   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused Gram-norm kernel (keras_dpsgd.kernels)
+#                                         # alone, then ViT-B/16 ghost with and without it
 # (Run C in BENCHMARKS.md used an earlier form of `scaling`: see git history of this file.)
 #
 # Wheels for what the machine lacks (keras, dp-accounting, opacus, ...) are
@@ -66,6 +68,16 @@ bert_base keras 416
 vit_b16 keras_dpsgd 560
 vit_b16 keras 576
 RUNS
+    ;;
+  gramkernel)
+    # First the norm forms alone (a minute), then the ViT step with the XLA
+    # Gram form and with the fused kernel, against non-private Keras.
+    export CUDA_VISIBLE_DEVICES=0
+    python3 tools/bench_gram.py --batch 64 --precision tf32 --json "$out/gram_tf32.json"
+    common=(--models vit_b16 --batch 64 --precision tf32 --steps 20 --warmup 3 --dp-clipping ghost
+            --variant-timeout 240 --log "$out/bench.log")
+    python3 tools/bench.py --only keras,keras_dpsgd "${common[@]}" --json "$out/vit_b16_xla.json"
+    python3 tools/bench.py --only keras_dpsgd --gram-kernel triton "${common[@]}" --json "$out/vit_b16_triton.json"
     ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

@@ -1,0 +1,106 @@
+"""Fused ghost-norm kernel (JAX Pallas, Triton on NVIDIA GPUs). Experimental.
+
+The Gram form of a sequence layer's per-example squared gradient norm,
+
+    ||A_i^T G_i||_F^2 = sum_{t,s} (a_t . a_s) (g_t . g_s),   A_i (T, d_a), G_i (T, d_g),
+
+is two batched T x T matrix products, an elementwise product and a sum when
+written in XLA (`keras_dpsgd.ghost.LinearGrad`). On ViT-B/16 (T = 197) those
+products run at a fraction of the GPU's matmul rate and write B x T x T
+matrices that are read once (BENCHMARKS.md, run G). `gram_norm` computes the
+same sum in one kernel: one program per (example, row tile, column tile) of
+the symmetric T x T matrices, the upper triangle only (off-diagonal tiles
+count twice), both tile products accumulated over the feature axis in
+registers and reduced to one number. No T x T matrix reaches memory.
+
+The products run at the default matmul precision (`jax_default_matmul_precision`:
+TF32 for float32 unless "highest"), as the XLA form does.
+
+`keras_dpsgd.ghost.GRAM_KERNEL` chooses it ("triton"; "interpret" runs the
+same kernel through Pallas' interpreter, on any backend, for tests); the
+default ("xla") keeps the XLA form. It is not the default until GPU
+measurements show it faster (`tools/bench_gram.py`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _feature_block(d):
+    """Largest of 64, 32, 16 that divides d (None: not supported)."""
+    for bk in (64, 32, 16):
+        if d % bk == 0:
+            return bk
+    return None
+
+
+def _row_block(t):
+    """Row tile: 64 for long sequences, else the next power of two >= T (>= 16)."""
+    if t >= 64:
+        return 64
+    return max(16, 1 << (t - 1).bit_length())
+
+
+def supported(t, d_a, d_g):
+    """Whether `gram_norm` takes these shapes (feature sizes multiples of 16, T > 1)."""
+    return t > 1 and _feature_block(d_a) is not None and _feature_block(d_g) is not None
+
+
+def _kernel(a_ref, g_ref, o_ref, *, t, bt, d_a, bk_a, d_g, bk_g):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(i <= j)
+    def _():
+        rows_i = (i * bt + jnp.arange(bt) < t)[:, None]
+        rows_j = (j * bt + jnp.arange(bt) < t)[:, None]
+
+        def gram(ref, d, bk):
+            def body(k, acc):
+                x = plgpu.load(ref.at[pl.ds(i * bt, bt), pl.ds(k * bk, bk)], mask=rows_i, other=0.0)
+                y = plgpu.load(ref.at[pl.ds(j * bt, bt), pl.ds(k * bk, bk)], mask=rows_j, other=0.0)
+                return acc + jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+
+            return jax.lax.fori_loop(0, d // bk, body, jnp.zeros((bt, bt), jnp.float32))
+
+        s = jnp.sum(gram(a_ref, d_a, bk_a) * gram(g_ref, d_g, bk_g))
+        o_ref[...] = jnp.where(i == j, s, 2.0 * s)
+
+    @pl.when(i > j)
+    def _():
+        o_ref[...] = jnp.zeros((), jnp.float32)
+
+
+def gram_norm(a, g, interpret=False):
+    """sum_{t,s} (a_t . a_s)(g_t . g_s) per row of a (N, T, d_a), g (N, T, d_g).
+
+    float32 in and out; shapes must pass `supported`. Returns (N,).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n, t, d_a = a.shape
+    d_g = g.shape[2]
+    if g.shape[:2] != (n, t) or not supported(t, d_a, d_g):
+        raise ValueError(f"gram_norm: unsupported shapes {a.shape} and {g.shape}.")
+    bt = _row_block(t)
+    tiles = pl.cdiv(t, bt)
+    kernel = functools.partial(_kernel, t=t, bt=bt, d_a=d_a, bk_a=_feature_block(d_a), d_g=d_g,
+                               bk_g=_feature_block(d_g))
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, tiles, tiles), jnp.float32),
+        grid=(n, tiles, tiles),
+        in_specs=[pl.BlockSpec((None, t, d_a), lambda e, i, j: (e, 0, 0)),
+                  pl.BlockSpec((None, t, d_g), lambda e, i, j: (e, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, None), lambda e, i, j: (e, i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="dp_gram_norm",
+    )(a.astype(jnp.float32), g.astype(jnp.float32))
+    return jnp.sum(partial, axis=(1, 2))
