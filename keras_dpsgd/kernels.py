@@ -76,10 +76,15 @@ def _kernel(a_ref, g_ref, o_ref, *, t, bt, d_a, bk_a, d_g, bk_g):
         o_ref[...] = jnp.zeros((), jnp.float32)
 
 
-def gram_norm(a, g, interpret=False):
+def gram_norm(a, g, interpret=False, block_rows=None, block_features=None, num_warps=4, num_stages=2):
     """sum_{t,s} (a_t . a_s)(g_t . g_s) per row of a (N, T, d_a), g (N, T, d_g).
 
     float32 in and out; shapes must pass `supported`. Returns (N,).
+    Tuning (`tools/bench_gram.py --sweep` times them): `block_rows`, the T
+    tile (a power of two >= 16; default 64, or the next power of two >= T
+    for short sequences); `block_features`, the feature chunk of each tile
+    product (16, 32 or 64 dividing both feature sizes; default the largest
+    that divides each); Triton's `num_warps` and `num_stages`.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -88,10 +93,13 @@ def gram_norm(a, g, interpret=False):
     d_g = g.shape[2]
     if g.shape[:2] != (n, t) or not supported(t, d_a, d_g):
         raise ValueError(f"gram_norm: unsupported shapes {a.shape} and {g.shape}.")
-    bt = _row_block(t)
+    bt = block_rows or _row_block(t)
+    bk_a, bk_g = (block_features, block_features) if block_features else (_feature_block(d_a), _feature_block(d_g))
+    if bt < 16 or bt & (bt - 1) or d_a % bk_a or d_g % bk_g:
+        raise ValueError(f"gram_norm: block_rows {bt} must be a power of two >= 16 and "
+                         f"block_features {block_features} must divide {d_a} and {d_g}.")
     tiles = pl.cdiv(t, bt)
-    kernel = functools.partial(_kernel, t=t, bt=bt, d_a=d_a, bk_a=_feature_block(d_a), d_g=d_g,
-                               bk_g=_feature_block(d_g))
+    kernel = functools.partial(_kernel, t=t, bt=bt, d_a=d_a, bk_a=bk_a, d_g=d_g, bk_g=bk_g)
     partial = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, tiles, tiles), jnp.float32),
@@ -99,7 +107,7 @@ def gram_norm(a, g, interpret=False):
         in_specs=[pl.BlockSpec((None, t, d_a), lambda e, i, j: (e, 0, 0)),
                   pl.BlockSpec((None, t, d_g), lambda e, i, j: (e, 0, 0))],
         out_specs=pl.BlockSpec((None, None, None), lambda e, i, j: (e, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="dp_gram_norm",
     )(a.astype(jnp.float32), g.astype(jnp.float32))

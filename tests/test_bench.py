@@ -143,7 +143,7 @@ def test_bench_gram_tiny_forms_agree(tmp_path):
     from tools import bench_gram
 
     out = tmp_path / "gram.json"
-    rows = bench_gram.main(["--tiny", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    rows = bench_gram.main(["--tiny", "--steps", "2", "--warmup", "1", "--sweep", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert len(rows) == len(bench_gram.TINY_LAYERS) == len(doc["rows"])
     for r in doc["rows"]:
@@ -154,6 +154,12 @@ def test_bench_gram_tiny_forms_agree(tmp_path):
             assert r["max_rel_err"][form] < 1e-5, (form, r)
         assert r["max_rel_err"]["gram_bf16"] < 5e-2, r
     assert doc["per_step_ms"]["gram"] == pytest.approx(sum(r["ms"]["gram"] for r in doc["rows"]))
+    # The sweep tried every configuration on every layer, each exact.
+    assert set(doc["sweep"]) == {r["layer"] for r in doc["rows"]}
+    for results in doc["sweep"].values():
+        assert len(results) == len(bench_gram.sweep_configs(True))
+        assert all(r["max_rel_err"] < 1e-5 for r in results), results
+        assert [r["ms"] for r in results] == sorted(r["ms"] for r in results)
 
 
 def test_bench_tiny_torch_models_run(tmp_path):

@@ -41,6 +41,10 @@ def test_gram_norm_refuses_shapes_it_does_not_cover():
     assert not kernels.supported(9, 27, 16)      # conv patches of 3x3x3
     with pytest.raises(ValueError, match="unsupported shapes"):
         kernels.gram_norm(jnp.ones((2, 5, 20)), jnp.ones((2, 5, 16)), interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.gram_norm(jnp.ones((2, 5, 32)), jnp.ones((2, 5, 32)), interpret=True, block_rows=24)
+    with pytest.raises(ValueError, match="must divide"):
+        kernels.gram_norm(jnp.ones((2, 5, 48)), jnp.ones((2, 5, 32)), interpret=True, block_features=32)
 
 
 def test_gram_norm_lowers_to_a_triton_kernel_for_cuda():

@@ -141,6 +141,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the fused kernel over tile sizes, warps and stages per layer "
+                        "(best first); --tiny sweeps block sizes only, interpreted")
     args = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -186,13 +189,62 @@ def main(argv=None):
     print("max relative error of the norms vs float32 (highest):")
     for r in rows:
         print(f"  {r['layer']:<24}" + "".join(f" {n}={r['max_rel_err'][n]:.1e}" for n in norm_forms))
+    sweep = sweep_fused(jax, jnp, np, layers, b, args, interpret=not gpu) if args.sweep else None
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": device, "jax": jax.__version__, "batch": b, "precision": args.precision,
                        "blocks": blocks, "rows": rows,
-                       "per_step_ms": {n: blocks * total[n] for n in names}}, f, indent=2)
+                       "per_step_ms": {n: blocks * total[n] for n in names}, "sweep": sweep}, f, indent=2)
     return rows
+
+
+def sweep_configs(tiny):
+    """(block_rows, block_features, num_warps, num_stages) to try."""
+    if tiny:  # interpreted: warps and stages do nothing
+        return [(16, 16, 4, 2), (32, 16, 4, 2)]
+    return [(bt, bk, w, st) for bt in (32, 64, 128) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+
+
+def sweep_fused(jax, jnp, np, layers, b, args, interpret):
+    """Times `kernels.gram_norm` per layer and configuration; prints the best
+    few per layer; returns {layer: [{config, ms, max_rel_err} | {config, error}]}."""
+    from keras_dpsgd import kernels
+
+    rng = np.random.default_rng(1)
+    out = {}
+    for name, t, d_in, d_outs, _ in layers:
+        a = jnp.asarray(rng.normal(size=(b, t, d_in)).astype("float32"))
+        gs = [jnp.asarray(rng.normal(size=(b, t, d)).astype("float32")) for d in d_outs]
+        hi = jax.lax.Precision.HIGHEST
+        aa = jnp.einsum("btd,bsd->bts", a, a, precision=hi)
+        ref = np.asarray(sum(jnp.sum(aa * jnp.einsum("bte,bse->bts", g, g, precision=hi), axis=(1, 2))
+                             for g in gs))
+        results = []
+        for bt, bk, warps, stages in sweep_configs(args.tiny):
+            cfg = {"block_rows": bt, "block_features": bk, "num_warps": warps, "num_stages": stages}
+
+            def fn(a, gs, cfg=cfg):
+                return sum(kernels.gram_norm(a, g, interpret=interpret, **cfg) for g in gs)
+
+            try:
+                ms = 1e3 * timed(jax, fn, (a, gs), args.warmup, args.steps)
+                err = float(np.max(np.abs(np.asarray(jax.jit(fn)(a, gs)) - ref) / np.abs(ref)))
+                results.append({"config": cfg, "ms": ms, "max_rel_err": err})
+            except Exception as e:  # a configuration the compiler refuses (registers, shared memory)
+                results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        results.sort(key=lambda r: r.get("ms", float("inf")))
+        out[name] = results
+        print(f"sweep {name}:")
+        for r in results[:5]:
+            c = r["config"]
+            what = f"{r['ms']:.3f} ms (err {r['max_rel_err']:.1e})" if "ms" in r else r["error"]
+            print(f"  rows {c['block_rows']:>3} features {c['block_features']:>2} warps {c['num_warps']} "
+                  f"stages {c['num_stages']}: {what}")
+        failed = sum("error" in r for r in results)
+        if failed:
+            print(f"  ({failed} of {len(results)} configurations failed)")
+    return out
 
 
 if __name__ == "__main__":

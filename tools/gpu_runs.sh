@@ -73,7 +73,9 @@ RUNS
     # First the norm forms alone (a minute), then the ViT step with the XLA
     # Gram form and with the fused kernel, against non-private Keras.
     export CUDA_VISIBLE_DEVICES=0
-    python3 tools/bench_gram.py --batch 64 --precision tf32 --json "$out/gram_tf32.json"
+    # (The sweep of tile sizes, warps and stages takes a few minutes; the
+    # two ViT runs about 5. Split them over two calls if the limit is near.)
+    python3 tools/bench_gram.py --batch 64 --precision tf32 --sweep --json "$out/gram_tf32.json"
     common=(--models vit_b16 --batch 64 --precision tf32 --steps 20 --warmup 3 --dp-clipping ghost
             --variant-timeout 240 --log "$out/bench.log")
     python3 tools/bench.py --only keras,keras_dpsgd "${common[@]}" --json "$out/vit_b16_xla.json"
