@@ -61,9 +61,9 @@ logger = logging.getLogger("keras_dpsgd")
 NORM_METHOD = "auto"
 
 # The Gram form's kernel: "xla" (two batched matmuls, default), "triton" (the
-# fused Pallas kernel of keras_dpsgd.kernels, on one NVIDIA GPU; elsewhere,
-# and under data parallelism, the XLA form is used) or "interpret" (the
-# same kernel through Pallas' interpreter, any backend: tests).
+# fused Pallas kernel of keras_dpsgd.kernels on NVIDIA GPUs, each device on
+# its own rows under data parallelism; other backends use the XLA form) or
+# "interpret" (the same kernel through Pallas' interpreter, any backend: tests).
 GRAM_KERNEL = "xla"
 
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
@@ -110,11 +110,28 @@ def _fused_gram(t, d_in, d_out):
     if GRAM_KERNEL not in ("triton", "interpret"):
         raise ValueError(f"GRAM_KERNEL must be 'xla', 'triton' or 'interpret', got {GRAM_KERNEL!r}.")
     from keras_dpsgd import kernels
+
+    if not kernels.supported(t, d_in, d_out):
+        return False
+    return GRAM_KERNEL == "interpret" or jax.default_backend() == "gpu"
+
+
+def _fused_gram_norm(a, g):
+    """kernels.gram_norm on (N, T, d) rows; under data parallelism each device
+    runs it on its own rows (shard_map: GSPMD cannot split a Pallas call and
+    would gather the batch onto every device)."""
+    import functools
+
+    from keras_dpsgd import kernels
     from keras_dpsgd.backend import jax as jax_backend
 
-    if not kernels.supported(t, d_in, d_out) or jax_backend.num_data_shards() > 1:
-        return False  # a Pallas call would not be split over the devices by GSPMD
-    return GRAM_KERNEL == "interpret" or jax.default_backend() == "gpu"
+    fn = functools.partial(kernels.gram_norm, interpret=GRAM_KERNEL == "interpret")
+    dist, shards = jax_backend._data_parallel()
+    if dist is None or shards == 1:
+        return fn(a, g)
+    spec = jax.sharding.PartitionSpec(dist.batch_dim_name)
+    return jax.shard_map(fn, mesh=dist.device_mesh.backend_mesh, in_specs=(spec, spec), out_specs=spec,
+                         check_vma=False)(a, g)
 
 
 class LinearGrad:
@@ -137,11 +154,8 @@ class LinearGrad:
             return ops.sum(ops.sum(ops.square(a), axis=(2, 3)) * ops.sum(ops.square(g), axis=(2, 3)), axis=1)
         if _use_gram(t, d_in, d_out):
             if _fused_gram(t, d_in, d_out):
-                from keras_dpsgd import kernels
-
                 b, k = a.shape[0], a.shape[1]
-                sq = kernels.gram_norm(ops.reshape(a, (b * k, t, d_in)), ops.reshape(g, (b * k, t, d_out)),
-                                       interpret=GRAM_KERNEL == "interpret")
+                sq = _fused_gram_norm(ops.reshape(a, (b * k, t, d_in)), ops.reshape(g, (b * k, t, d_out)))
                 return ops.sum(ops.reshape(sq, (b, k)), axis=1)
             aa = ops.einsum("bktd,bksd->bkts", a, a)
             gg = ops.einsum("bkte,bkse->bkts", g, g)

@@ -18,7 +18,8 @@ TF32 for float32 unless "highest"), as the XLA form does.
 
 `keras_dpsgd.ghost.GRAM_KERNEL` chooses it ("triton"; "interpret" runs the
 same kernel through Pallas' interpreter, on any backend, for tests); the
-default ("xla") keeps the XLA form. It is not the default until GPU
+default ("xla") keeps the XLA form. Under data parallelism `ghost` runs it
+on each device's own rows (`jax.shard_map`). It is not the default until GPU
 measurements show it faster (`tools/bench_gram.py`).
 """
 

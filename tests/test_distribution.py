@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution DP 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(devices, sigma, hlo=False):
+def run(devices, sigma, hlo=False, gram_kernel=False):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                KERAS_BACKEND="jax", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "tests.helpers.dist_worker", str(devices), str(sigma)] + (["--hlo"] if hlo else [])
+    cmd = ([sys.executable, "-m", "tests.helpers.dist_worker", str(devices), str(sigma)]
+           + (["--hlo"] if hlo else []) + (["--gram-kernel"] if gram_kernel else []))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -62,6 +63,21 @@ def test_gradients_cross_devices_once_per_logical_step():
     assert hlo["batch_moving_collectives"] == []
     # The apply step (once per logical step) reduces the gradient exactly once.
     assert hlo["apply_big_allreduces"] == 1
+
+
+def test_the_fused_gram_kernel_runs_on_each_devices_rows():
+    """With ghost.GRAM_KERNEL set, the kernel runs per device (shard_map) on
+    its own rows, the step still moves no rows, and training equals the
+    single-device run with the kernel."""
+    one = run(1, 1.0, gram_kernel=True)
+    two = run(2, 1.0, hlo=True, gram_kernel=True)
+    # Traced once per compile: the whole physical batch of 8 rows on one
+    # device, 4 rows per device on two.
+    assert one["kernel_calls"] and all(rows == 8 for rows, _ in one["kernel_calls"])
+    assert two["kernel_calls"] and all(rows == 4 for rows, _ in two["kernel_calls"])
+    assert two["hlo"]["batch_moving_collectives"] == []
+    assert two["hlo"]["step_big_allreduces"] == 0
+    np.testing.assert_allclose(two["flat"], one["flat"], rtol=1e-5, atol=1e-6)
 
 
 def free_port():

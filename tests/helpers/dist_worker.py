@@ -1,6 +1,8 @@
 """Runs a small DP fit on D forced CPU devices and prints JSON results.
 
-Usage: python -m tests.helpers.dist_worker DEVICES SIGMA [--hlo]
+Usage: python -m tests.helpers.dist_worker DEVICES SIGMA [--hlo] [--gram-kernel]
+(--gram-kernel: a model whose sequence layer takes its ghost norm from the
+fused kernel, keras_dpsgd.kernels, interpreted on CPU.)
 (XLA_FLAGS must force the host device count before JAX starts; the test
 sets it in the environment of this subprocess.)
 """
@@ -20,11 +22,20 @@ import numpy as np  # noqa: E402
 import keras_dpsgd  # noqa: E402
 
 
-def build(devices):
+def build(devices, gram_kernel=False):
     if devices > 1:
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=keras.distribution.list_devices()[:devices]))
     keras.utils.set_random_seed(0)
+    if gram_kernel:
+        # A Dense layer on a sequence (T = 2, 16 -> 16): its Gram norm is the
+        # fused kernel's, which must run on each device's own rows.
+        inputs = keras.Input((32,))
+        h = keras.layers.Dense(16, activation="tanh")(keras.layers.Reshape((2, 16))(inputs))
+        model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+        model.compile(optimizer=keras.optimizers.SGD(0.2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
     inputs = keras.Input((8,))
     # A convolution too, small enough for the Gram form (T = 2, d_in = 4,
     # d_out = 8): its book-keeping sum once made GSPMD all-gather the batch.
@@ -72,10 +83,23 @@ def hlo_collectives(model, x, y):
 
 def main():
     devices, sigma = int(sys.argv[1]), float(sys.argv[2])
+    gram_kernel = "--gram-kernel" in sys.argv
+    kernel_calls = []
+    if gram_kernel:
+        from keras_dpsgd import ghost, kernels
+
+        ghost.GRAM_KERNEL = "interpret"
+        real = kernels.gram_norm
+
+        def counted(a, g, **kw):
+            kernel_calls.append([int(a.shape[0]), int(a.shape[1])])  # rows each call sees
+            return real(a, g, **kw)
+
+        kernels.gram_norm = counted
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(240, 8)).astype("float32")
+    x = rng.normal(size=(240, 32 if gram_kernel else 8)).astype("float32")
     y = rng.integers(0, 3, size=(240,)).astype("int32")
-    model = build(devices)
+    model = build(devices, gram_kernel)
     # Record how each physical batch reaches the step: it must already be
     # split over the devices (placed from the feeder thread).
     from keras_dpsgd.backend import jax as jax_backend
@@ -96,7 +120,7 @@ def main():
            "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
            "epsilon": model.privacy_spent()[0],
            "acc_sharding": str(model.optimizer._accumulators[0].value.sharding),
-           "batch_placements": sorted(seen)}
+           "batch_placements": sorted(seen), "kernel_calls": kernel_calls}
     if "--hlo" in sys.argv:
         out["hlo"] = hlo_collectives(model, x, y)
     print("RESULT " + json.dumps(out))
