@@ -87,11 +87,14 @@ class DPModel(keras.Model):
     @property
     def metrics(self):
         metrics = super().metrics
-        tracker = getattr(self, "_nonfinite_tracker", None)
         # Not in evaluate(): it keeps Keras' return values.
-        if (self.compiled and tracker is not None and not getattr(self, "_dp_evaluating", False)
-                and all(m is not tracker for m in metrics)):
-            metrics = metrics + [tracker]
+        if not self.compiled or getattr(self, "_dp_evaluating", False):
+            return metrics
+        # The nonfinite tracker; on JAX also the per-device loss partials of
+        # the logical step (backend/jax.py, StepPartials; no logged value).
+        for extra in (getattr(self, "_nonfinite_tracker", None), self.__dict__.get("_dp_partials")):
+            if extra is not None and all(m is not extra for m in metrics):
+                metrics = metrics + [extra]
         return metrics
 
     def evaluate(self, *args, **kwargs):
@@ -220,6 +223,7 @@ class DPModel(keras.Model):
                 f"current keras.distribution has {shards}. Set the distribution before building "
                 "and compiling the model.")
         dp_backend.select_clipping(self, clipping, sample_batch)
+        dp_backend.prepare_fit(self)
 
         sigma = self._configure_privacy(opt, q=q, batch_size=float(batch_size), clip=float(l2_norm_clip),
                                         noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,

@@ -58,6 +58,9 @@ def test_gradients_cross_devices_once_per_logical_step():
     # The physical step (every physical batch) moves no gradient between
     # devices and has no branch (whose predicate XLA:GPU reads on the host)...
     assert hlo["step_big_allreduces"] == 0
+    # Nor anything else: the logged loss and non-finite count stay per-device
+    # partial sums until the logical step ends (no compiled metrics here).
+    assert hlo["step_allreduces"] == 0
     assert hlo["step_conditionals"] == 0
     # ...and no rows: each device clips its own examples.
     assert hlo["batch_moving_collectives"] == []

@@ -21,6 +21,8 @@ gaussian_noise = impl.gaussian_noise
 num_data_shards = getattr(impl, "num_data_shards", lambda: 1)
 shard_leading_axis = getattr(impl, "shard_leading_axis", lambda variable: None)
 agree_on_seed = getattr(impl, "agree_on_seed", lambda words: words)
+# Per-fit set-up of the backend's step state (JAX: per-device loss partials).
+prepare_fit = getattr(impl, "prepare_fit", lambda model: None)
 
 
 def _vectorized_only(model, clipping, sample_batch):

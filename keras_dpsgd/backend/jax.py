@@ -157,7 +157,7 @@ def train_step(model, state, data):
     optimizer_vars = opt.stateless_accumulate(list(optimizer_vars), sums)
 
     logs, metrics_vars = update_metrics(model, metrics_vars, losses, mask, x, y, y_pred,
-                                        sample_weight, num_nonfinite)
+                                        sample_weight, num_nonfinite, keep)
     return logs, (list(trainable), non_trainable, optimizer_vars, metrics_vars)
 
 
@@ -190,17 +190,106 @@ def apply_function(model):
     return jitted
 
 
-def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weight, num_nonfinite):
-    """Loss and compiled metrics over real rows only (I4)."""
+class StepPartials(keras.metrics.Metric):
+    """Per-device partial sums of the logical step's loss, finite-row count
+    and non-finite-row count, (D, 3), sharded like the batch.
+
+    The physical step adds its own rows' sums here without crossing devices;
+    `fold_step_metrics` reduces them once per logical step into Keras' loss
+    tracker and the nonfinite tracker. Shows nothing in the logs."""
+
+    def __init__(self, shards, **kwargs):
+        super().__init__(name="dp_step_partials", **kwargs)
+        self.partials = self.add_variable(shape=(shards, 3), initializer="zeros", dtype="float32",
+                                          name="partials")
+        shard_leading_axis(self.partials)
+
+    def update_state(self, values):
+        self.partials.assign(self.partials.value + values)
+
+    def result(self):
+        return {}
+
+    def reset_state(self):
+        self.partials.assign(self.partials.value * 0.0)  # keeps the sharding
+
+
+def prepare_fit(model):
+    """Called by `fit` once the optimizer is built: the per-device loss
+    partials (`StepPartials`), created once per model; `metrics` lists them."""
+    shards = model.optimizer.num_shards
+    current = model.__dict__.get("_dp_partials")
+    if current is None or current.partials.shape[0] != shards:
+        object.__setattr__(model, "_dp_partials", StepPartials(shards))
+        model.train_function = None
+
+
+def fold_step_metrics(model, metrics_vars):
+    """End of a logical step: reduce the per-device partials once (3 floats)
+    into Keras' loss tracker and the nonfinite tracker, zero them. Returns
+    (metrics_vars, {"loss": ..., "nonfinite": ...}) as after a Keras step."""
+    partials = model._dp_partials
+    mapping = list(zip(model.metrics_variables, metrics_vars))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        total = jnp.sum(partials.partials.value, axis=0)
+        model._loss_tracker.update_state(total[0] / jnp.maximum(total[1], 1.0), sample_weight=total[1])
+        model._nonfinite_tracker.update_state(total[2])
+        partials.reset_state()
+        logs = {"loss": model._loss_tracker.result(), "nonfinite": model._nonfinite_tracker.result()}
+    new_vars = []
+    for ref, old in zip(model.metrics_variables, metrics_vars):
+        v = scope.get_current_value(ref)
+        new_vars.append(old if v is None else v)
+    return new_vars, logs
+
+
+def metrics_function(model):
+    """`fold_step_metrics` jitted for `model` (cached like `apply_function`)."""
+    fn = model.__dict__.get("_dp_metrics_function")
+    if fn is not None and fn[0] is model.train_function:
+        return fn[1]
+    out_shardings = None
+    dist = keras.distribution.distribution()
+    if dist is not None:
+        _, _, _, mv_sh = model._get_state_sharding_spec()
+        replicated = jax.sharding.NamedSharding(dist.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
+        out_shardings = (mv_sh, {"loss": replicated, "nonfinite": replicated})
+
+    def step(metrics_vars):
+        return fold_step_metrics(model, metrics_vars)
+
+    step.__name__ = "dp_fold_step_metrics"
+    jitted = jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    object.__setattr__(model, "_dp_metrics_function", (model.train_function, jitted))
+    return jitted
+
+
+def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weight, num_nonfinite, keep=None):
+    """Loss and compiled metrics over real rows only (I4).
+
+    After `prepare_fit`, the loss and the non-finite count go to per-device
+    partial sums (no cross-device reduction in the physical step); Keras'
+    trackers get them once per logical step (`fold_step_metrics`)."""
     real = mask.astype(jnp.float32)
     finite = mask & jnp.isfinite(losses)
-    num_finite = jnp.sum(finite.astype(jnp.float32))
-    mean_loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(num_finite, 1.0)
+    partials = model.__dict__.get("_dp_partials")
     weights = real if sample_weight is None else real * jnp.asarray(sample_weight, jnp.float32).reshape(real.shape[0], -1)[:, 0]
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        model._loss_tracker.update_state(mean_loss, sample_weight=num_finite)
-        model._nonfinite_tracker.update_state(num_nonfinite)
+        if partials is not None and keep is not None:
+            shards = partials.partials.shape[0]
+
+            def per_shard(v):
+                return jnp.sum(jnp.reshape(v.astype(jnp.float32), (shards, -1)), axis=1)
+
+            nonfinite_rows = mask & jnp.logical_not(keep)
+            partials.update_state(jnp.stack([per_shard(jnp.where(finite, losses, 0.0)), per_shard(finite),
+                                             per_shard(nonfinite_rows)], axis=1))
+        else:
+            num_finite = jnp.sum(finite.astype(jnp.float32))
+            mean_loss = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(num_finite, 1.0)
+            model._loss_tracker.update_state(mean_loss, sample_weight=num_finite)
+            model._nonfinite_tracker.update_state(num_nonfinite)
         logs = model.compute_metrics(x, y, y_pred, weights)
     new_vars = []
     for ref, old in zip(model.metrics_variables, metrics_vars):
@@ -224,6 +313,8 @@ class Runner:
         self._dist, self._shards = _data_parallel()
         self._pool = None
         self._apply = apply_function(model)
+        # (Both read the state's shardings now, before `run` purges the variables.)
+        self._fold = metrics_function(model) if model.__dict__.get("_dp_partials") is not None else None
 
     def begin_epoch(self):
         self.model._jax_state_synced = True
@@ -247,16 +338,21 @@ class Runner:
         self._publish()
         # The step does not read is_last; `load` / `prepare` keep it on the host.
         if bool(np.asarray(jax.device_get(is_last)).reshape(-1)[0]):
-            self.end_logical_step()
+            logs = {**logs, **self.end_logical_step()}
         return logs
 
     def end_logical_step(self):
         """After the last physical batch of a logical step: the noisy update
-        (`run` calls it when the batch's is_last is set)."""
+        (`run` calls it when the batch's is_last is set), and the step's loss
+        partials folded into the logged metrics. Returns those logs."""
         tv, ntv, ov, mv = self.state
         tv, ov = self._apply(tv, ov)
+        logs = {}
+        if self._fold is not None:
+            mv, logs = self._fold(mv)
         self.state = (tv, ntv, ov, mv)
         self._publish()
+        return logs
 
     def _publish(self):
         tv, ntv, ov, mv = self.state

@@ -73,6 +73,7 @@ def hlo_collectives(model, x, y):
     total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     moving = re.findall(r" (all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", step)
     return {
+        "step_allreduces": len(re.findall(r" all-reduce(?:-start)?\(", step)),
         "batch_moving_collectives": sorted(set(moving)),
         "total_params": total,
         "step_big_allreduces": _big_allreduces(step, total),
