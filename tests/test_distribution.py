@@ -49,6 +49,10 @@ def test_data_parallel_training_equals_the_single_device_run(single, devices, si
     # Same Poisson draws, same noise (replicated key, added once after the
     # reduction): only the float summation order differs.
     np.testing.assert_allclose(out["flat"], single[sigma]["flat"], rtol=1e-5, atol=1e-6)
+    # The logged loss, kept as per-device partial sums during each logical
+    # step, is the single-device run's.
+    np.testing.assert_allclose(out["loss"], single[sigma]["loss"], rtol=1e-5)
+    assert out["nonfinite"] == single[sigma]["nonfinite"] == [0.0, 0.0]
 
 
 def test_gradients_cross_devices_once_per_logical_step():

@@ -364,3 +364,33 @@ def test_evaluate_returns_what_keras_returns():
     assert "nonfinite" in hist.history and "val_nonfinite" not in hist.history
     loss, acc = model.evaluate(x, y, verbose=0)
     assert np.isfinite(loss) and 0 <= acc <= 1
+
+
+def test_logged_loss_is_the_mean_over_real_rows_of_all_physical_batches():
+    """With a learning rate of 0 and no noise the weights stay fixed and every
+    example has the same loss L (equal rows): the loss logged per logical step
+    and per epoch is L whatever the Poisson sizes, physical batches and
+    padding (padded rows and partial sums across physical batches must not
+    change the mean); nonfinite is 0."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x = np.ones((200, 3), "float32")
+    y = np.full((200, 1), 2.0, "float32")
+    expected = float(np.mean((np.asarray(model.predict(x[:1], verbose=0)) - 2.0) ** 2))
+    assert expected > 0.1
+
+    class StepLosses(keras.callbacks.Callback):
+        seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(float(logs["loss"]))
+
+    steps = StepLosses()
+    hist = model.fit(x, y, batch_size=30, epochs=2, steps_per_epoch=3, l2_norm_clip=1.0, noise_multiplier=0.0,
+                     physical_batch_size=8, seed=1, verbose=0, callbacks=[steps])
+    assert len(steps.seen) == 6
+    np.testing.assert_allclose(steps.seen, expected, rtol=1e-5)
+    np.testing.assert_allclose(hist.history["loss"], expected, rtol=1e-5)
+    assert hist.history["nonfinite"] == [0.0, 0.0]

@@ -114,14 +114,15 @@ def main():
         return run(self, data)
 
     jax_backend.Runner.run = recording_run
-    model.fit(x, y, batch_size=24, epochs=2, steps_per_epoch=5, l2_norm_clip=1.0,
-              noise_multiplier=sigma, physical_batch_size=8, seed=3, verbose=0)
+    hist = model.fit(x, y, batch_size=24, epochs=2, steps_per_epoch=5, l2_norm_clip=1.0,
+                     noise_multiplier=sigma, physical_batch_size=8, seed=3, verbose=0)
     out = {"devices": len(jax.devices()), "shards": model.optimizer.num_shards,
            "weights": [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in model.trainable_variables],
            "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
            "epsilon": model.privacy_spent()[0],
            "acc_sharding": str(model.optimizer._accumulators[0].value.sharding),
-           "batch_placements": sorted(seen), "kernel_calls": kernel_calls}
+           "batch_placements": sorted(seen), "kernel_calls": kernel_calls,
+           "loss": hist.history["loss"], "nonfinite": hist.history["nonfinite"]}
     if "--hlo" in sys.argv:
         out["hlo"] = hlo_collectives(model, x, y)
     print("RESULT " + json.dumps(out))
