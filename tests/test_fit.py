@@ -388,8 +388,9 @@ def test_logged_loss_is_the_mean_over_real_rows_of_all_physical_batches():
             self.seen.append(float(logs["loss"]))
 
     steps = StepLosses()
-    hist = model.fit(x, y, batch_size=30, epochs=2, steps_per_epoch=3, l2_norm_clip=1.0, noise_multiplier=0.0,
-                     physical_batch_size=8, seed=1, verbose=0, callbacks=[steps])
+    with pytest.warns(UserWarning, match="NO PRIVACY"):
+        hist = model.fit(x, y, batch_size=30, epochs=2, steps_per_epoch=3, l2_norm_clip=1.0,
+                         noise_multiplier=0.0, physical_batch_size=8, seed=1, verbose=0, callbacks=[steps])
     assert len(steps.seen) == 6
     np.testing.assert_allclose(steps.seen, expected, rtol=1e-5)
     np.testing.assert_allclose(hist.history["loss"], expected, rtol=1e-5)
