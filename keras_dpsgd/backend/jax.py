@@ -236,11 +236,7 @@ def fold_step_metrics(model, metrics_vars):
         model._nonfinite_tracker.update_state(total[2])
         partials.reset_state()
         logs = {"loss": model._loss_tracker.result(), "nonfinite": model._nonfinite_tracker.result()}
-    new_vars = []
-    for ref, old in zip(model.metrics_variables, metrics_vars):
-        v = scope.get_current_value(ref)
-        new_vars.append(old if v is None else v)
-    return new_vars, logs
+    return _metrics_after(model, scope, metrics_vars), logs
 
 
 def metrics_function(model):
@@ -291,11 +287,16 @@ def update_metrics(model, metrics_vars, losses, mask, x, y, y_pred, sample_weigh
             model._loss_tracker.update_state(mean_loss, sample_weight=num_finite)
             model._nonfinite_tracker.update_state(num_nonfinite)
         logs = model.compute_metrics(x, y, y_pred, weights)
+    return logs, _metrics_after(model, scope, metrics_vars)
+
+
+def _metrics_after(model, scope, metrics_vars):
+    """The metric variables' values after a stateless scope (unchanged ones as given)."""
     new_vars = []
     for ref, old in zip(model.metrics_variables, metrics_vars):
         v = scope.get_current_value(ref)
         new_vars.append(old if v is None else v)
-    return logs, new_vars
+    return new_vars
 
 
 class Runner:
