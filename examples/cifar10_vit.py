@@ -16,6 +16,12 @@ Usage:
     KERAS_BACKEND=jax python examples/cifar10_vit.py --limit 2000 --epochs 2
     KERAS_BACKEND=jax python examples/cifar10_vit.py --limit 256 --epochs 1 \
         --batch-size 64 --physical-batch-size 32            # ~seconds, smoke test
+    KERAS_BACKEND=jax python examples/cifar10_vit.py --data-parallel   # all local GPUs
+
+`--data-parallel` (JAX) trains over every local accelerator with
+`keras.distribution.DataParallel`: each device clips and sums its own
+`--physical-batch-size` rows, and gradients cross devices once per logical
+step.
 
 On a 2-core CPU this model is slow under DP (per-example gradients of every
 attention weight); `--limit` trains on a random subset of that many examples.
@@ -144,7 +150,20 @@ def main(argv=None):
                    help="per-example clipping implementation (fit's clipping=; default: keras_dpsgd's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=1)
+    p.add_argument("--data-parallel", action="store_true",
+                   help="JAX: keras.distribution.DataParallel over all local devices; "
+                        "--physical-batch-size rows per device")
     args = p.parse_args(argv)
+    physical = args.physical_batch_size
+    devices = 1
+    if args.data_parallel:
+        if keras.backend.backend() != "jax":
+            p.error("--data-parallel needs KERAS_BACKEND=jax (keras.distribution)")
+        # Before building the model: its variables are laid out for the devices.
+        local = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=local))
+        devices = len(local)
+        physical *= devices
 
     t_start = time.perf_counter()
     source, (x_train, y_train), (x_test, y_test) = load_data(args.limit, args.test_limit, args.seed,
@@ -165,7 +184,7 @@ def main(argv=None):
     history = model.fit(
         x_train, y_train,
         batch_size=args.batch_size, epochs=args.epochs,
-        physical_batch_size=args.physical_batch_size,
+        physical_batch_size=physical,
         l2_norm_clip=args.l2_norm_clip, target_epsilon=args.target_epsilon,
         target_delta=args.target_delta, seed=args.seed, verbose=args.verbose,
         **({"clipping": args.clipping} if args.clipping else {}),
@@ -181,7 +200,7 @@ def main(argv=None):
     print(f"  test accuracy: {acc:.4f}{tag}   (chance 0.10)")
     print(f"  epsilon = {eps:.3f}, delta = {delta:.0e}  (target epsilon {args.target_epsilon:g}, RDP accountant)")
     print(f"  {cfg['logical_steps']} logical steps, Poisson q = {args.batch_size / n:.4f} (expected batch "
-          f"{args.batch_size}, physical {args.physical_batch_size}), noise multiplier "
+          f"{args.batch_size}, physical {physical} = {args.physical_batch_size} x {devices} device(s)), noise multiplier "
           f"{cfg['noise_multiplier']:.3f}, clip {args.l2_norm_clip:g}, "
           f"{getattr(model, '_dp_clipping', None) or 'vectorized'} clipping")
     print(f"  train accuracy (last epoch, on Poisson batches): {history.history['accuracy'][-1]:.4f}")

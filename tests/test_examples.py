@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_script(relpath, *flags, timeout=300, ok_codes=(0,)):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
+def run_script(relpath, *flags, timeout=300, ok_codes=(0,), extra_env=None):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2", **(extra_env or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, relpath), *flags], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -57,6 +57,17 @@ def test_cifar10_vit_tiny():
     assert "SYNTHETIC" in out
     assert "SUMMARY" in out
     _float(r"test accuracy: ([\d.]+)", out)
+    eps = _float(r"epsilon = ([\d.]+), delta = 1e-05", out)
+    assert 0.0 < eps <= 8.0 + 1e-3
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution data parallelism is JAX's")
+def test_cifar10_vit_data_parallel_on_two_forced_devices():
+    _, out = run_script("examples/cifar10_vit.py", "--synthetic", "--limit", "128", "--test-limit", "64",
+                        "--epochs", "1", "--batch-size", "32", "--physical-batch-size", "8",
+                        "--dim", "32", "--depth", "1", "--heads", "2", "--verbose", "0", "--data-parallel",
+                        extra_env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert "physical 16 = 8 x 2 device(s)" in out
     eps = _float(r"epsilon = ([\d.]+), delta = 1e-05", out)
     assert 0.0 < eps <= 8.0 + 1e-3
 
