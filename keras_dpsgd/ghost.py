@@ -65,6 +65,9 @@ NORM_METHOD = "auto"
 # its own rows under data parallelism; other backends use the XLA form) or
 # "interpret" (the same kernel through Pallas' interpreter, any backend: tests).
 GRAM_KERNEL = "xla"
+# The book-keeping sum's kernel, same choices: "triton" runs
+# keras_dpsgd.kernels.clipped_sum (select, scale and matmul in one pass).
+SUM_KERNEL = "xla"
 
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
 # at most this fraction of the trainable parameters.
@@ -105,15 +108,41 @@ def _use_gram(t, d_in, d_out):
 
 def _fused_gram(t, d_in, d_out):
     """Whether the Gram norm goes to keras_dpsgd.kernels (GRAM_KERNEL)."""
-    if GRAM_KERNEL == "xla":
-        return False
-    if GRAM_KERNEL not in ("triton", "interpret"):
-        raise ValueError(f"GRAM_KERNEL must be 'xla', 'triton' or 'interpret', got {GRAM_KERNEL!r}.")
     from keras_dpsgd import kernels
 
-    if not kernels.supported(t, d_in, d_out):
+    return _use_kernel(GRAM_KERNEL, "GRAM_KERNEL") and kernels.supported(t, d_in, d_out)
+
+
+def _use_kernel(setting, name):
+    if setting == "xla":
         return False
-    return GRAM_KERNEL == "interpret" or jax.default_backend() == "gpu"
+    if setting not in ("triton", "interpret"):
+        raise ValueError(f"{name} must be 'xla', 'triton' or 'interpret', got {setting!r}.")
+    return setting == "interpret" or jax.default_backend() == "gpu"
+
+
+def _per_device(fn, *args):
+    """fn on all rows, or under data parallelism on each device's own rows
+    (shard_map: GSPMD cannot split a Pallas call and would gather the batch
+    onto every device); fn's outputs are batch-first."""
+    from keras_dpsgd.backend import jax as jax_backend
+
+    dist, shards = jax_backend._data_parallel()
+    if dist is None or shards == 1:
+        return fn(*args)
+    spec = jax.sharding.PartitionSpec(dist.batch_dim_name)
+    return jax.shard_map(fn, mesh=dist.device_mesh.backend_mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                         check_vma=False)(*args)
+
+
+def _fused_clipped_sum(a, g, factors, keep):
+    """kernels.clipped_sum per device: (shards, d_in, d_out) partial sums."""
+    from keras_dpsgd import kernels
+
+    def local(a, g, factors, keep):
+        return kernels.clipped_sum(a, g, factors, keep, interpret=SUM_KERNEL == "interpret")[None]
+
+    return _per_device(local, a, g, factors, keep)
 
 
 def _fused_gram_norm(a, g):
@@ -123,15 +152,8 @@ def _fused_gram_norm(a, g):
     import functools
 
     from keras_dpsgd import kernels
-    from keras_dpsgd.backend import jax as jax_backend
 
-    fn = functools.partial(kernels.gram_norm, interpret=GRAM_KERNEL == "interpret")
-    dist, shards = jax_backend._data_parallel()
-    if dist is None or shards == 1:
-        return fn(a, g)
-    spec = jax.sharding.PartitionSpec(dist.batch_dim_name)
-    return jax.shard_map(fn, mesh=dist.device_mesh.backend_mesh, in_specs=(spec, spec), out_specs=spec,
-                         check_vma=False)(a, g)
+    return _per_device(functools.partial(kernels.gram_norm, interpret=GRAM_KERNEL == "interpret"), a, g)
 
 
 class LinearGrad:
@@ -169,6 +191,12 @@ class LinearGrad:
         if self.materialized is not None:
             s = clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
             return self.to_weight(s)
+        if self.a.shape[1] == 1 and _use_kernel(SUM_KERNEL, "SUM_KERNEL"):
+            from keras_dpsgd import kernels
+
+            if kernels.sum_supported(self.a.shape[3], self.g.shape[3]):
+                s = _fused_clipped_sum(self.a[:, 0], self.g[:, 0], factors, keep)
+                return self.to_weight(ops.expand_dims(s, 1))
         g = _shard(_select(self.g * _expand(factors, 4), keep), shards)
         a = _shard(_select(self.a, keep), shards)
         return self.to_weight(ops.einsum("nbktd,nbkte->nkde", a, g))

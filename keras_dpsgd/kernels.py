@@ -1,4 +1,9 @@
-"""Fused ghost-norm kernel (JAX Pallas, Triton on NVIDIA GPUs). Experimental.
+"""Fused ghost-clipping kernels (JAX Pallas, Triton on NVIDIA GPUs). Experimental.
+
+`gram_norm` (per-example squared norms, below) and `clipped_sum` (the
+book-keeping sum sum_i c_i A_i^T G_i, with the selection of dropped rows and
+the scaling done on the tiles in registers instead of as separate passes over
+the tapped tensors; ghost.SUM_KERNEL chooses it).
 
 The Gram form of a sequence layer's per-example squared gradient norm,
 
@@ -113,3 +118,71 @@ def gram_norm(a, g, interpret=False, block_rows=None, block_features=None, num_w
         name="dp_gram_norm",
     )(a.astype(jnp.float32), g.astype(jnp.float32))
     return jnp.sum(partial, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------
+# Book-keeping sum: sum_i c_i A_i^T G_i with dropped rows exactly zero.
+
+
+def sum_supported(d_a, d_g):
+    """Whether `clipped_sum` takes these feature sizes (multiples of 16)."""
+    return _feature_block(d_a) is not None and _feature_block(d_g) is not None
+
+
+def _sum_kernel(a_ref, g_ref, w_ref, k_ref, o_ref, *, rows, br, bm, bn):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    def body(r, acc):
+        idx = r * br + jnp.arange(br)
+        inside = idx < rows
+        keep = plgpu.load(k_ref.at[pl.ds(r * br, br)], mask=inside, other=0) > 0
+        w = plgpu.load(w_ref.at[pl.ds(r * br, br)], mask=inside, other=0.0)
+        a = plgpu.load(a_ref.at[pl.ds(r * br, br), pl.ds(i * bm, bm)], mask=inside[:, None], other=0.0)
+        g = plgpu.load(g_ref.at[pl.ds(r * br, br), pl.ds(j * bn, bn)], mask=inside[:, None], other=0.0)
+        # where(), not a product: a dropped row may hold NaN or Inf (I4).
+        a = jnp.where(keep[:, None], a, 0.0)
+        g = jnp.where(keep[:, None], g * w[:, None], 0.0)
+        return acc + jax.lax.dot_general(a, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, pl.cdiv(rows, br), body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def clipped_sum(a, g, factors, keep, interpret=False, block_rows=32, block_out=64, num_warps=4, num_stages=3):
+    """sum_i [keep_i] c_i A_i^T G_i for a (N, T, d_a), g (N, T, d_g), factors
+    c (N,), keep (N,) bool: the book-keeping sum of one dense-like layer in
+    one kernel. Rows of dropped examples are selected away inside the kernel
+    (exactly zero even if NaN), so neither input is rewritten in memory.
+    Returns (d_a, d_g) float32. Tuning: `block_rows`, the rows per step of
+    the contraction (examples x positions, flattened); `block_out`, the
+    output tile (16, 32 or 64, dividing both feature sizes)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n, t, d_a = a.shape
+    d_g = g.shape[2]
+    if g.shape[:2] != (n, t) or not sum_supported(d_a, d_g):
+        raise ValueError(f"clipped_sum: unsupported shapes {a.shape} and {g.shape}.")
+    bm = min(block_out, _feature_block(d_a))
+    bn = min(block_out, _feature_block(d_g))
+    rows = n * t
+    a2 = jnp.reshape(a.astype(jnp.float32), (rows, d_a))
+    g2 = jnp.reshape(g.astype(jnp.float32), (rows, d_g))
+    w = jnp.repeat(factors.astype(jnp.float32), t)
+    k = jnp.repeat(keep.astype(jnp.int32), t)
+    kernel = functools.partial(_sum_kernel, rows=rows, br=block_rows, bm=bm, bn=bn)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((d_a, d_g), jnp.float32),
+        grid=(d_a // bm, d_g // bn),
+        in_specs=[pl.BlockSpec((rows, d_a), lambda i, j: (0, 0)),
+                  pl.BlockSpec((rows, d_g), lambda i, j: (0, 0)),
+                  pl.BlockSpec((rows,), lambda i, j: (0,)),
+                  pl.BlockSpec((rows,), lambda i, j: (0,))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="dp_clipped_sum",
+    )(a2, g2, w, k)

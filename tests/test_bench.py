@@ -148,18 +148,21 @@ def test_bench_gram_tiny_forms_agree(tmp_path):
     assert len(rows) == len(bench_gram.TINY_LAYERS) == len(doc["rows"])
     for r in doc["rows"]:
         assert set(r["ms"]) == {"gram", "gram_blocked", "materialize", "gram_highest", "gram_bf16", "fused",
-                                "select_scale", "weight_grad"}
+                                "select_scale", "weight_grad", "xla_sum", "fused_sum"}
+        assert r["fused_sum_rel_err"] < 1e-5, r
         assert all(v > 0 for v in r["ms"].values()), r
         for form in ("gram", "gram_blocked", "materialize", "gram_highest", "fused"):
             assert r["max_rel_err"][form] < 1e-5, (form, r)
         assert r["max_rel_err"]["gram_bf16"] < 5e-2, r
     assert doc["per_step_ms"]["gram"] == pytest.approx(sum(r["ms"]["gram"] for r in doc["rows"]))
-    # The sweep tried every configuration on every layer, each exact.
+    # The sweep tried every configuration of both kernels on every layer, each exact.
     assert set(doc["sweep"]) == {r["layer"] for r in doc["rows"]}
-    for results in doc["sweep"].values():
-        assert len(results) == len(bench_gram.sweep_configs(True))
-        assert all(r["max_rel_err"] < 1e-5 for r in results), results
-        assert [r["ms"] for r in results] == sorted(r["ms"] for r in results)
+    for per_kernel in doc["sweep"].values():
+        assert set(per_kernel) == {"norm", "sum"}
+        for kind, results in per_kernel.items():
+            assert len(results) == len(bench_gram.sweep_configs(True, kind))
+            assert all(r["max_rel_err"] < 1e-5 for r in results), results
+            assert [r["ms"] for r in results] == sorted(r["ms"] for r in results)
 
 
 def test_bench_tiny_torch_models_run(tmp_path):

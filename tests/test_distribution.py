@@ -72,16 +72,18 @@ def test_gradients_cross_devices_once_per_logical_step():
     assert hlo["apply_big_allreduces"] == 1
 
 
-def test_the_fused_gram_kernel_runs_on_each_devices_rows():
-    """With ghost.GRAM_KERNEL set, the kernel runs per device (shard_map) on
-    its own rows, the step still moves no rows, and training equals the
-    single-device run with the kernel."""
+def test_the_fused_kernels_run_on_each_devices_rows():
+    """With ghost.GRAM_KERNEL and SUM_KERNEL set, the kernels run per device
+    (shard_map) on their own rows, the step still moves no rows and has no
+    all-reduce, and training equals the single-device run with the kernels."""
     one = run(1, 1.0, gram_kernel=True)
     two = run(2, 1.0, hlo=True, gram_kernel=True)
     # Traced once per compile: the whole physical batch of 8 rows on one
-    # device, 4 rows per device on two.
-    assert one["kernel_calls"] and all(rows == 8 for rows, _ in one["kernel_calls"])
-    assert two["kernel_calls"] and all(rows == 4 for rows, _ in two["kernel_calls"])
+    # device, 4 rows per device on two; both kernels.
+    for out, rows in ((one, 8), (two, 4)):
+        assert {kind for kind, _ in out["kernel_calls"]} == {"norm", "sum"}, out["kernel_calls"]
+        assert all(r == rows for _, r in out["kernel_calls"]), out["kernel_calls"]
+    assert two["hlo"]["step_allreduces"] == 0
     assert two["hlo"]["batch_moving_collectives"] == []
     assert two["hlo"]["step_big_allreduces"] == 0
     np.testing.assert_allclose(two["flat"], one["flat"], rtol=1e-5, atol=1e-6)

@@ -612,8 +612,10 @@ def step_record(variant, args, times, peak, extra=None):
         "p10_step_ms": _quantile(times, 0.1) * 1e3, "p90_step_ms": _quantile(times, 0.9) * 1e3,
         "examples_per_s": args.batch / med, "peak_gib": None if peak is None else peak / GIB,
     }
-    if variant.startswith("keras_dpsgd") and getattr(args, "gram_kernel", "xla") != "xla":
-        rec["gram_kernel"] = args.gram_kernel
+    if variant.startswith("keras_dpsgd"):
+        for flag in ("gram_kernel", "sum_kernel"):
+            if getattr(args, flag, "xla") != "xla":
+                rec[flag] = getattr(args, flag)
     rec.update(extra or {})
     return rec
 
@@ -647,8 +649,10 @@ def fit_record(variant, args, timer, real, warmup, extra=None, rows_run=None):
     }
     if not kept:
         rec["error"] = "no timed step without a compile"
-    if variant.startswith("keras_dpsgd") and getattr(args, "gram_kernel", "xla") != "xla":
-        rec["gram_kernel"] = args.gram_kernel
+    if variant.startswith("keras_dpsgd"):
+        for flag in ("gram_kernel", "sum_kernel"):
+            if getattr(args, flag, "xla") != "xla":
+                rec[flag] = getattr(args, flag)
     rec.update(extra or {})
     return rec
 
@@ -785,12 +789,13 @@ def _clipping_kwargs(model, args):
     between vectorized and ghost clipping); older ones are vectorized only."""
     import inspect
 
-    if getattr(args, "gram_kernel", "xla") != "xla":
-        from keras_dpsgd import ghost
+    for flag, name in (("gram_kernel", "GRAM_KERNEL"), ("sum_kernel", "SUM_KERNEL")):
+        if getattr(args, flag, "xla") != "xla":
+            from keras_dpsgd import ghost
 
-        if not hasattr(ghost, "GRAM_KERNEL"):
-            raise ValueError("this keras_dpsgd has no fused Gram kernel (--gram-kernel)")
-        ghost.GRAM_KERNEL = args.gram_kernel
+            if not hasattr(ghost, name):
+                raise ValueError(f"this keras_dpsgd has no ghost.{name} (--{flag.replace('_', '-')})")
+            setattr(ghost, name, getattr(args, flag))
     if "clipping" in inspect.signature(model.fit).parameters:
         return {"clipping": args.dp_clipping}
     if args.dp_clipping not in ("vectorized", "auto"):
@@ -1026,6 +1031,7 @@ def run_worker(variant, model, args, log_file):
            "--batch", str(args.batch), "--precision", args.precision, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--fit-examples", str(args.fit_examples),
            "--result-file", result_file, "--dp-clipping", args.dp_clipping, "--gram-kernel", args.gram_kernel,
+           "--sum-kernel", args.sum_kernel,
            "--poisson-batch", str(args.poisson_batch), "--poisson-physical", str(args.poisson_physical),
            "--poisson-examples", str(args.poisson_examples), "--poisson-steps", str(args.poisson_steps),
            "--poisson-budget-s", str(args.poisson_budget_s)]
@@ -1200,6 +1206,9 @@ def main(argv=None):
     p.add_argument("--gram-kernel", default="xla", choices=["xla", "triton"],
                    help="keras_dpsgd.ghost.GRAM_KERNEL for the ghost Gram norms (triton: the fused "
                         "Pallas kernel, one GPU)")
+    p.add_argument("--sum-kernel", default="xla", choices=["xla", "triton"],
+                   help="keras_dpsgd.ghost.SUM_KERNEL for the book-keeping sums (triton: the fused "
+                        "select-scale-matmul Pallas kernel)")
     p.add_argument("--dp-clipping", default="vectorized", choices=["vectorized", "ghost", "auto"],
                    help="keras-dpsgd fit(clipping=...) where supported (default vectorized)")
     p.add_argument("--keras-dpsgd-path", default=None,

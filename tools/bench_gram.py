@@ -19,9 +19,12 @@ computed as:
                    (on a GPU; through Pallas' interpreter with --tiny on CPU).
 
 Also timed for scale: ``select_scale``, the `where(keep, c_i * G, 0)` pass over
-one tapped tensor that the book-keeping sum reads, and ``weight_grad``, the
+one tapped tensor that the book-keeping sum reads; ``weight_grad``, the
 one matmul A^T (c * G) of the book-keeping sum (= a non-private weight
-gradient).
+gradient); ``xla_sum``, the whole book-keeping sum as `ghost.LinearGrad`
+writes it (selects, scale, matmul); and ``fused_sum``,
+`keras_dpsgd.kernels.clipped_sum` (the same in one Triton kernel; on a GPU or
+interpreted with --tiny).
 
 The rows are ViT-B/16's four kinds of sequence layer (T = 197 tokens, width
 768, MLP 3072; q, k and v share their input's Gram), and the last column
@@ -100,6 +103,17 @@ def forms(jax, jnp, fused=False, interpret=False):
     def weight_grad(a, gs, keep, c):
         return [jnp.einsum("btd,bte->de", a, g * c[:, None, None]) for g in gs]
 
+    def xla_sum(a, gs, keep, c):
+        """The book-keeping sum as keras_dpsgd.ghost.LinearGrad writes it in XLA."""
+        k = keep[:, None, None]
+        a = jnp.where(k, a, 0.0)
+        return [jnp.einsum("btd,bte->de", a, jnp.where(k, g * c[:, None, None], 0.0)) for g in gs]
+
+    def fused_sum(a, gs, keep, c):
+        from keras_dpsgd import kernels
+
+        return [kernels.clipped_sum(a, g, c, keep, interpret=interpret) for g in gs]
+
     def fused_kernel(a, gs):
         from keras_dpsgd import kernels
 
@@ -115,9 +129,11 @@ def forms(jax, jnp, fused=False, interpret=False):
         "gram_highest": lambda a, gs: gram(a, gs, precision=hi),
         "gram_bf16": gram_bf16,
     }
+    passes = {"select_scale": select_scale, "weight_grad": weight_grad, "xla_sum": xla_sum}
     if fused:
         norm_forms["fused"] = fused_kernel
-    return norm_forms, {"select_scale": select_scale, "weight_grad": weight_grad}
+        passes["fused_sum"] = fused_sum
+    return norm_forms, passes
 
 
 def timed(jax, fn, args, warmup, steps):
@@ -142,7 +158,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--json", default=None)
     p.add_argument("--sweep", action="store_true",
-                   help="also time the fused kernel over tile sizes, warps and stages per layer "
+                   help="also time both fused kernels over tile sizes, warps and stages per layer "
                         "(best first); --tiny sweeps block sizes only, interpreted")
     args = p.parse_args(argv)
     import jax
@@ -172,6 +188,10 @@ def main(argv=None):
             row["max_rel_err"][fname] = float(np.max(np.abs(got - ref) / np.abs(ref)))
         for fname, fn in passes.items():
             row["ms"][fname] = 1e3 * timed(jax, fn, (a, gs, keep, c), args.warmup, args.steps)
+        if "fused_sum" in passes:  # the fused book-keeping sum against XLA's, largest relative difference
+            ref_sum = np.concatenate([np.ravel(s) for s in jax.jit(passes["xla_sum"])(a, gs, keep, c)])
+            got_sum = np.concatenate([np.ravel(s) for s in jax.jit(passes["fused_sum"])(a, gs, keep, c)])
+            row["fused_sum_rel_err"] = float(np.max(np.abs(got_sum - ref_sum)) / np.max(np.abs(ref_sum)))
         row["gram_tflops"] = gram_flops / (row["ms"]["gram"] * 1e-3) / 1e12
         rows.append(row)
 
@@ -199,51 +219,79 @@ def main(argv=None):
     return rows
 
 
-def sweep_configs(tiny):
-    """(block_rows, block_features, num_warps, num_stages) to try."""
-    if tiny:  # interpreted: warps and stages do nothing
-        return [(16, 16, 4, 2), (32, 16, 4, 2)]
-    return [(bt, bk, w, st) for bt in (32, 64, 128) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+def sweep_configs(tiny, kernel="norm"):
+    """Keyword configurations of `kernels.gram_norm` ("norm") or
+    `kernels.clipped_sum` ("sum") to try."""
+    if kernel == "norm":
+        if tiny:  # interpreted: warps and stages do nothing
+            grid = [(16, 16, 4, 2), (32, 16, 4, 2)]
+        else:
+            grid = [(bt, bk, w, st) for bt in (32, 64, 128) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+        return [{"block_rows": bt, "block_features": bk, "num_warps": w, "num_stages": st} for bt, bk, w, st in grid]
+    if tiny:
+        grid = [(16, 16, 4, 2), (32, 16, 4, 2)]
+    else:
+        grid = [(br, bo, w, st) for br in (32, 64) for bo in (32, 64) for w in (4, 8) for st in (2, 3)]
+    return [{"block_rows": br, "block_out": bo, "num_warps": w, "num_stages": st} for br, bo, w, st in grid]
+
+
+def _sweep_one(jax, np, fn_of, args_, ref, configs, args):
+    results = []
+    for cfg in configs:
+        fn = fn_of(cfg)
+        try:
+            ms = 1e3 * timed(jax, fn, args_, args.warmup, args.steps)
+            got = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(jax.jit(fn)(*args_))])
+            err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+            results.append({"config": cfg, "ms": ms, "max_rel_err": err})
+        except Exception as e:  # a configuration the compiler refuses (registers, shared memory)
+            results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    results.sort(key=lambda r: r.get("ms", float("inf")))
+    return results
 
 
 def sweep_fused(jax, jnp, np, layers, b, args, interpret):
-    """Times `kernels.gram_norm` per layer and configuration; prints the best
-    few per layer; returns {layer: [{config, ms, max_rel_err} | {config, error}]}."""
+    """Times `kernels.gram_norm` and `kernels.clipped_sum` per layer and
+    configuration; prints the best few; returns
+    {layer: {"norm" | "sum": [{config, ms, max_rel_err} | {config, error}]}} (fastest first)."""
     from keras_dpsgd import kernels
 
     rng = np.random.default_rng(1)
+    hi = jax.lax.Precision.HIGHEST
     out = {}
     for name, t, d_in, d_outs, _ in layers:
         a = jnp.asarray(rng.normal(size=(b, t, d_in)).astype("float32"))
         gs = [jnp.asarray(rng.normal(size=(b, t, d)).astype("float32")) for d in d_outs]
-        hi = jax.lax.Precision.HIGHEST
+        keep = jnp.asarray(rng.random(b) > 0.1)
+        c = jnp.asarray(rng.random(b).astype("float32"))
         aa = jnp.einsum("btd,bsd->bts", a, a, precision=hi)
-        ref = np.asarray(sum(jnp.sum(aa * jnp.einsum("bte,bse->bts", g, g, precision=hi), axis=(1, 2))
-                             for g in gs))
-        results = []
-        for bt, bk, warps, stages in sweep_configs(args.tiny):
-            cfg = {"block_rows": bt, "block_features": bk, "num_warps": warps, "num_stages": stages}
+        norm_ref = np.asarray(sum(jnp.sum(aa * jnp.einsum("bte,bse->bts", g, g, precision=hi), axis=(1, 2))
+                                  for g in gs))
+        k = keep[:, None, None]
+        sum_ref = np.concatenate([np.ravel(jnp.einsum("btd,bte->de", jnp.where(k, a, 0.0),
+                                                      jnp.where(k, g * c[:, None, None], 0.0), precision=hi))
+                                  for g in gs])
 
-            def fn(a, gs, cfg=cfg):
-                return sum(kernels.gram_norm(a, g, interpret=interpret, **cfg) for g in gs)
+        def norm_fn(cfg):
+            return lambda a, gs: sum(kernels.gram_norm(a, g, interpret=interpret, **cfg) for g in gs)
 
-            try:
-                ms = 1e3 * timed(jax, fn, (a, gs), args.warmup, args.steps)
-                err = float(np.max(np.abs(np.asarray(jax.jit(fn)(a, gs)) - ref) / np.abs(ref)))
-                results.append({"config": cfg, "ms": ms, "max_rel_err": err})
-            except Exception as e:  # a configuration the compiler refuses (registers, shared memory)
-                results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        results.sort(key=lambda r: r.get("ms", float("inf")))
-        out[name] = results
-        print(f"sweep {name}:")
-        for r in results[:5]:
-            c = r["config"]
-            what = f"{r['ms']:.3f} ms (err {r['max_rel_err']:.1e})" if "ms" in r else r["error"]
-            print(f"  rows {c['block_rows']:>3} features {c['block_features']:>2} warps {c['num_warps']} "
-                  f"stages {c['num_stages']}: {what}")
-        failed = sum("error" in r for r in results)
-        if failed:
-            print(f"  ({failed} of {len(results)} configurations failed)")
+        def sum_fn(cfg):
+            return lambda a, gs, c, keep: [kernels.clipped_sum(a, g, c, keep, interpret=interpret, **cfg)
+                                           for g in gs]
+
+        out[name] = {
+            "norm": _sweep_one(jax, np, norm_fn, (a, gs), norm_ref, sweep_configs(args.tiny, "norm"), args),
+            "sum": _sweep_one(jax, np, sum_fn, (a, gs, c, keep), sum_ref, sweep_configs(args.tiny, "sum"), args),
+        }
+        for kind, results in out[name].items():
+            print(f"sweep {kind} {name}:")
+            for r in results[:4]:
+                cfg = " ".join(f"{k.replace('block_', '').replace('num_', '')} {v}" for k, v in r["config"].items())
+                what = f"{r['ms']:.3f} ms (err {r['max_rel_err']:.1e})" if "ms" in r else r["error"]
+                print(f"  {cfg}: {what}")
+            failed = sum("error" in r for r in results)
+            if failed:
+                print(f"  ({failed} of {len(results)} configurations failed)")
     return out
 
 

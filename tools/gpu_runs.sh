@@ -6,8 +6,8 @@
 #                                         # a trace of each and device busy time vs. wall time
 #   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
 #                                         # (BENCHMARKS.md), to check that it fits
-#   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused Gram-norm kernel (keras_dpsgd.kernels)
-#                                         # alone, then ViT-B/16 ghost with and without it
+#   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused kernels (keras_dpsgd.kernels: Gram norm,
+#                                         # book-keeping sum) alone, then ViT-B/16 ghost with and without them
 # (Run C in BENCHMARKS.md used an earlier form of `scaling`: see git history of this file.)
 #
 # Wheels for what the machine lacks (keras, dp-accounting, opacus, ...) are
@@ -79,7 +79,8 @@ RUNS
     common=(--models vit_b16 --batch 64 --precision tf32 --steps 20 --warmup 3 --dp-clipping ghost
             --variant-timeout 240 --log "$out/bench.log")
     python3 tools/bench.py --only keras,keras_dpsgd "${common[@]}" --json "$out/vit_b16_xla.json"
-    python3 tools/bench.py --only keras_dpsgd --gram-kernel triton "${common[@]}" --json "$out/vit_b16_triton.json"
+    python3 tools/bench.py --only keras_dpsgd --gram-kernel triton --sum-kernel triton "${common[@]}" \
+      --json "$out/vit_b16_triton.json"
     ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 """Runs a small DP fit on D forced CPU devices and prints JSON results.
 
 Usage: python -m tests.helpers.dist_worker DEVICES SIGMA [--hlo] [--gram-kernel]
-(--gram-kernel: a model whose sequence layer takes its ghost norm from the
-fused kernel, keras_dpsgd.kernels, interpreted on CPU.)
+(--gram-kernel: a model whose sequence layer takes its ghost norm and its
+clipped sum from the fused kernels, keras_dpsgd.kernels, interpreted on CPU.)
 (XLA_FLAGS must force the host device count before JAX starts; the test
 sets it in the environment of this subprocess.)
 """
@@ -89,14 +89,18 @@ def main():
     if gram_kernel:
         from keras_dpsgd import ghost, kernels
 
-        ghost.GRAM_KERNEL = "interpret"
-        real = kernels.gram_norm
+        ghost.GRAM_KERNEL = ghost.SUM_KERNEL = "interpret"
+        real_norm, real_sum = kernels.gram_norm, kernels.clipped_sum
 
-        def counted(a, g, **kw):
-            kernel_calls.append([int(a.shape[0]), int(a.shape[1])])  # rows each call sees
-            return real(a, g, **kw)
+        def counted_norm(a, g, **kw):
+            kernel_calls.append(["norm", int(a.shape[0])])  # the examples each call sees
+            return real_norm(a, g, **kw)
 
-        kernels.gram_norm = counted
+        def counted_sum(a, g, factors, keep, **kw):
+            kernel_calls.append(["sum", int(a.shape[0])])
+            return real_sum(a, g, factors, keep, **kw)
+
+        kernels.gram_norm, kernels.clipped_sum = counted_norm, counted_sum
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 32 if gram_kernel else 8)).astype("float32")
     y = rng.integers(0, 3, size=(240,)).astype("int32")
