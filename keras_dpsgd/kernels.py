@@ -124,6 +124,11 @@ def gram_norm(a, g, interpret=False, block_rows=None, block_features=None, num_w
 # Book-keeping sum: sum_i c_i A_i^T G_i with dropped rows exactly zero.
 
 
+def _out_block(d, want):
+    """The largest of `want`, 64, 32, 16 (at most `want`) that divides d."""
+    return next(b for b in (want, 64, 32, 16) if b <= want and d % b == 0)
+
+
 def sum_supported(d_a, d_g):
     """Whether `clipped_sum` takes these feature sizes (multiples of 16)."""
     return _feature_block(d_a) is not None and _feature_block(d_g) is not None
@@ -157,7 +162,8 @@ def clipped_sum(a, g, factors, keep, interpret=False, block_rows=32, block_out=6
     (exactly zero even if NaN), so neither input is rewritten in memory.
     Returns (d_a, d_g) float32. Tuning: `block_rows`, the rows per step of
     the contraction (examples x positions, flattened); `block_out`, the
-    output tile (16, 32 or 64, dividing both feature sizes)."""
+    output tile's side (128, 64, 32 or 16; smaller where a feature size is
+    not a multiple of it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -165,8 +171,7 @@ def clipped_sum(a, g, factors, keep, interpret=False, block_rows=32, block_out=6
     d_g = g.shape[2]
     if g.shape[:2] != (n, t) or not sum_supported(d_a, d_g):
         raise ValueError(f"clipped_sum: unsupported shapes {a.shape} and {g.shape}.")
-    bm = min(block_out, _feature_block(d_a))
-    bn = min(block_out, _feature_block(d_g))
+    bm, bn = _out_block(d_a, block_out), _out_block(d_g, block_out)
     rows = n * t
     a2 = jnp.reshape(a.astype(jnp.float32), (rows, d_a))
     g2 = jnp.reshape(g.astype(jnp.float32), (rows, d_g))

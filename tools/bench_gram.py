@@ -231,7 +231,7 @@ def sweep_configs(tiny, kernel="norm"):
     if tiny:
         grid = [(16, 16, 4, 2), (32, 16, 4, 2)]
     else:
-        grid = [(br, bo, w, st) for br in (32, 64) for bo in (32, 64) for w in (4, 8) for st in (2, 3)]
+        grid = [(br, bo, w, st) for br in (32, 64) for bo in (64, 128) for w in (4, 8) for st in (2, 3)]
     return [{"block_rows": br, "block_out": bo, "num_warps": w, "num_stages": st} for br, bo, w, st in grid]
 
 
