@@ -395,3 +395,26 @@ def test_logged_loss_is_the_mean_over_real_rows_of_all_physical_batches():
     np.testing.assert_allclose(steps.seen, expected, rtol=1e-5)
     np.testing.assert_allclose(hist.history["loss"], expected, rtol=1e-5)
     assert hist.history["nonfinite"] == [0.0, 0.0]
+
+
+def test_logged_loss_leaves_out_padded_rows():
+    """Padding rows are copies of example 0 (mask False). Example 0 here has a
+    loss 10^4 times the others', so counting padding in the logged loss would
+    show; the logged epoch loss must equal the mean over the rows the Poisson
+    draws actually took (lr 0, no noise: fixed weights)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(1, kernel_initializer="zeros")(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    n = 120
+    x = np.ones((n, 3), "float32")
+    y = np.ones((n, 1), "float32")
+    y[0] = 100.0  # prediction is 0 + bias 0: loss 10^4 for example 0, 1 for the others
+    per_example = (y[:, 0] - 0.0) ** 2
+    with pytest.warns(UserWarning, match="NO PRIVACY"):
+        hist = model.fit(x, y, batch_size=20, epochs=1, steps_per_epoch=4, l2_norm_clip=1.0,
+                         noise_multiplier=0.0, physical_batch_size=16, seed=2, verbose=0)
+    sampler = sampling.PoissonSampler(n, 20 / n, model.optimizer.config_values()["sampler_seed_words"])
+    drawn = np.concatenate([sampler.sample(t) for t in range(4)])
+    assert sum(len(sampler.sample(t)) % 16 for t in range(4)) > 0  # some steps were padded
+    np.testing.assert_allclose(hist.history["loss"][0], per_example[drawn].mean(), rtol=1e-5)
