@@ -69,6 +69,14 @@ GRAM_KERNEL = "xla"
 # keras_dpsgd.kernels.clipped_sum (select, scale and matmul in one pass).
 SUM_KERNEL = "xla"
 
+# When every row's squared norm is finite, the book-keeping sums of dense-like
+# layers skip the per-row `where` selects (I4) and scale one operand by c_i
+# (0 for padded and dropped rows, which are then finite, so they add exactly
+# 0). One on-device branch (lax.cond) on all(isfinite(norms)) picks this path
+# or the selecting one; both are compiled. Off under data parallelism (the
+# predicate would need an all-reduce) and for tests of the selecting path.
+FINITE_FAST_PATH = True
+
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
 # at most this fraction of the trainable parameters.
 AUTO_MAX_FALLBACK_FRACTION = 0.25
@@ -156,6 +164,17 @@ def _fused_gram_norm(a, g):
     return _per_device(functools.partial(kernels.gram_norm, interpret=GRAM_KERNEL == "interpret"), a, g)
 
 
+def _gram_sq_norm(a, g):
+    """sum over groups of <a_i a_i^T, g_i g_i^T> for A (B, k, T, d_in), G (B, k, T, d_out).
+
+    (Splitting T into blocks and forming only the upper-triangular block
+    products of these symmetric Grams was 11 % slower per ViT-B/16 step on
+    an H200 than one T x T product, BENCHMARKS.md, fourth session.)"""
+    aa = ops.einsum("bktd,bksd->bkts", a, a)
+    gg = ops.einsum("bkte,bkse->bkts", g, g)
+    return ops.sum(aa * gg, axis=(1, 2, 3))
+
+
 class LinearGrad:
     """Per-example gradient a_i^T g_i (per group) of a dense-like weight.
 
@@ -179,17 +198,23 @@ class LinearGrad:
                 b, k = a.shape[0], a.shape[1]
                 sq = _fused_gram_norm(ops.reshape(a, (b * k, t, d_in)), ops.reshape(g, (b * k, t, d_out)))
                 return ops.sum(ops.reshape(sq, (b, k)), axis=1)
-            aa = ops.einsum("bktd,bksd->bkts", a, a)
-            gg = ops.einsum("bkte,bkse->bkts", g, g)
-            return ops.sum(aa * gg, axis=(1, 2, 3))
+            return _gram_sq_norm(a, g)
         # Cheaper to form a_i^T g_i (small next to the activations); it is
         # then reused for the sum.
         self.materialized = ops.einsum("bktd,bkte->bkde", a, g)
         return ops.sum(ops.square(self.materialized), axis=(1, 2, 3))
 
-    def clipped_sum(self, factors, keep, shards):
+    def clipped_sum(self, factors, keep, shards, finite=False):
+        """sum_i where(keep_i, c_i a_i^T g_i, 0) per shard. With `finite` (the
+        caller checked that every row's norm, hence every row of a and g, is
+        finite) the selects are left out and only the smaller operand is
+        scaled: dropped rows have c_i = 0 and add exactly 0."""
         if self.materialized is not None:
-            s = clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
+            if finite:
+                m = self.materialized
+                s = ops.einsum("nb,nbkde->nkde", _shard(factors, shards), _shard(m, shards))
+            else:
+                s = clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
             return self.to_weight(s)
         if self.a.shape[1] == 1 and _use_kernel(SUM_KERNEL, "SUM_KERNEL"):
             from keras_dpsgd import kernels
@@ -197,9 +222,20 @@ class LinearGrad:
             if kernels.sum_supported(self.a.shape[3], self.g.shape[3]):
                 s = _fused_clipped_sum(self.a[:, 0], self.g[:, 0], factors, keep)
                 return self.to_weight(ops.expand_dims(s, 1))
-        g = _shard(_select(self.g * _expand(factors, 4), keep), shards)
-        a = _shard(_select(self.a, keep), shards)
-        return self.to_weight(ops.einsum("nbktd,nbkte->nkde", a, g))
+        a, g = self.a, self.g
+        c = _expand(factors, 4)
+        if not finite:
+            a, g = _select(a, keep), _select(g * c, keep)
+        elif math.prod(a.shape[2:]) <= math.prod(g.shape[2:]):
+            a = a * c
+        else:
+            g = g * c
+        if a.shape[1] == 1:
+            # One contracting axis (rows x positions): a plain GEMM per shard.
+            a = ops.reshape(a, (shards, -1, a.shape[3]))
+            g = ops.reshape(g, (shards, -1, g.shape[3]))
+            return self.to_weight(ops.expand_dims(ops.einsum("nrd,nre->nde", a, g), 1))
+        return self.to_weight(ops.einsum("nbktd,nbkte->nkde", _shard(a, shards), _shard(g, shards)))
 
 
 class PerExampleGrad:
@@ -1093,9 +1129,21 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     shards = num_shards or 1
     sums = [None] * len(trainable)
     with jax.named_scope("dp_ghost_sums"):
+        linear = [p for p, rep in reps.items() if isinstance(rep, LinearGrad)]
+
+        def linear_sums(finite):
+            return [ops.cast(reps[p].clipped_sum(factors, keep, shards, finite=finite), "float32") for p in linear]
+
+        if linear and FINITE_FAST_PATH and shards == 1:
+            # Every norm finite (the usual case): no selects. Otherwise the
+            # selecting path drops the non-finite rows exactly (I4).
+            got = jax.lax.cond(jnp.all(jnp.isfinite(sq)), lambda: linear_sums(True), lambda: linear_sums(False))
+        else:
+            got = linear_sums(False)
+        got = dict(zip(linear, got))
         for p, rep in reps.items():
-            s = ops.reshape(ops.cast(rep.clipped_sum(factors, keep, shards), "float32"),
-                            (shards,) + tuple(trainable[p].shape))
+            s = got[p] if p in got else ops.cast(rep.clipped_sum(factors, keep, shards), "float32")
+            s = ops.reshape(s, (shards,) + tuple(trainable[p].shape))
             sums[p] = s if num_shards else s[0]
         for p, s in zip(fb_pos, clipping.weighted_sum(fb_grads, factors, keep, num_shards)):
             sums[p] = s

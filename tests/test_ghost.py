@@ -101,6 +101,15 @@ def test_linear_norm_forms_equal_the_materialized_gradient(t, groups, norm_metho
     rep.sq_norm()  # the materialized form is then reused for the sum
     got = rep.clipped_sum(jnp.asarray(c), jnp.asarray(keep), 1)
     np.testing.assert_allclose(got[0], np.einsum("b,bkde->kde", c[keep], want[keep]), rtol=1e-5)
+    # The finite fast path (no selects; c_i = 0 drops a finite row exactly),
+    # scaling a (d_in < d_out) or g (swapped widths).
+    a = np.where(np.isfinite(a), a, 1.0).astype("float32")
+    for a_, g_ in ((a, g), (g, a)):
+        want_ = np.einsum("bktd,bkte->bkde", a_, g_)
+        rep = ghost.LinearGrad(jnp.asarray(a_), jnp.asarray(g_), lambda s: s)
+        rep.sq_norm()
+        got = rep.clipped_sum(jnp.asarray(c), jnp.asarray(keep), 1, finite=True)
+        np.testing.assert_allclose(got[0], np.einsum("b,bkde->kde", c[keep], want_[keep]), rtol=1e-5)
 
 
 def test_embedding_norm_form_handles_repeated_ids():
@@ -338,6 +347,70 @@ def test_transformer_block_masked_and_nonfinite_rows_and_layers_restored():
     # The taps are gone after tracing: no instance `call`, activations restored.
     assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
     assert all(layer.activation is act for layer, act in zip(dense, activations))
+
+
+def _primitives(jaxpr, out=None):
+    """Primitive names of a jaxpr and of every jaxpr nested in it."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        out.append(eqn.primitive.name)
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _primitives(sub, out)
+    return out
+
+
+def test_finite_fast_path_is_one_branch_on_all_norms_finite(monkeypatch):
+    """The sums of dense-like layers sit in one lax.cond on all(isfinite(norms)):
+    the finite branch has no selects over the tapped tensors, the other keeps
+    them (I4). Both give the vectorized result (test above for NaN rows)."""
+    rng = _rng(9)
+    ids, out = _transformer()
+    model = _compiled(ids, out, loss=_sparse_ce())
+    x = rng.integers(0, 11, size=(6, 6)).astype("int32")
+    y = rng.integers(0, 3, size=(6,)).astype("int32")
+    mask = np.array([1, 1, 1, 1, 0, 0], bool)
+    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+             [v.value for v in model.metrics_variables], [v.value for v in model.optimizer.variables])
+
+    def make_run():  # a new function each time: JAX caches traces per function
+        def run(state, x, y, mask):
+            tv, ntv, mv, ov = state
+            return ghost.clipped_sums(model, tv, ntv, mv, ov, x, y, None, mask, 0.2).sums
+        return run
+
+    jaxpr = jax.make_jaxpr(make_run())(state, x, y, mask).jaxpr
+    conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    slow, fast = conds[0].params["branches"]  # index 0: predicate False
+
+    def row_selects(branch):  # selects over per-example (B, ...) tensors, nested jaxprs included
+        found = []
+
+        def walk(jaxpr):
+            for e in jaxpr.eqns:
+                shape = tuple(e.outvars[0].aval.shape) if e.outvars else ()
+                if e.primitive.name == "select_n" and len(shape) >= 3 and shape[0] == 6:
+                    found.append(shape)
+                for p in e.params.values():
+                    for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                        sub = getattr(sub, "jaxpr", sub)
+                        if hasattr(sub, "eqns"):
+                            walk(sub)
+        walk(branch.jaxpr)
+        return found
+
+    assert row_selects(slow) and not row_selects(fast)
+    fast_sums = jax.jit(make_run())(state, x, y, mask)
+
+    monkeypatch.setattr(ghost, "FINITE_FAST_PATH", False)
+    assert (_primitives(jax.make_jaxpr(make_run())(state, x, y, mask).jaxpr).count("cond")
+            == _primitives(jaxpr).count("cond") - 1)
+    for a, b in zip(fast_sums, jax.jit(make_run())(state, x, y, mask)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _assert_match(model, x, y, mask=mask, clip=0.2)  # the selecting path on finite rows
 
 
 def test_bf16_policy_relaxed_tolerance():

@@ -612,12 +612,33 @@ def step_record(variant, args, times, peak, extra=None):
         "p10_step_ms": _quantile(times, 0.1) * 1e3, "p90_step_ms": _quantile(times, 0.9) * 1e3,
         "examples_per_s": args.batch / med, "peak_gib": None if peak is None else peak / GIB,
     }
+    _record_ghost_flags(rec, variant, args)
+    rec.update(extra or {})
+    return rec
+
+
+def _record_ghost_flags(rec, variant, args):
     if variant.startswith("keras_dpsgd"):
         for flag in ("gram_kernel", "sum_kernel"):
             if getattr(args, flag, "xla") != "xla":
                 rec[flag] = getattr(args, flag)
-    rec.update(extra or {})
-    return rec
+        if getattr(args, "ghost_set", None):
+            rec["ghost_settings"] = dict(_ghost_settings(args))
+
+
+def _ghost_settings(args):
+    """--ghost-set NAME=VALUE pairs as (NAME, Python value)."""
+    import ast
+
+    out = []
+    for item in getattr(args, "ghost_set", None) or []:
+        name, _, value = item.partition("=")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a bare string
+        out.append((name, value))
+    return out
 
 
 def _quantile(xs, q):
@@ -649,10 +670,7 @@ def fit_record(variant, args, timer, real, warmup, extra=None, rows_run=None):
     }
     if not kept:
         rec["error"] = "no timed step without a compile"
-    if variant.startswith("keras_dpsgd"):
-        for flag in ("gram_kernel", "sum_kernel"):
-            if getattr(args, flag, "xla") != "xla":
-                rec[flag] = getattr(args, flag)
+    _record_ghost_flags(rec, variant, args)
     rec.update(extra or {})
     return rec
 
@@ -796,6 +814,12 @@ def _clipping_kwargs(model, args):
             if not hasattr(ghost, name):
                 raise ValueError(f"this keras_dpsgd has no ghost.{name} (--{flag.replace('_', '-')})")
             setattr(ghost, name, getattr(args, flag))
+    for name, value in _ghost_settings(args):
+        from keras_dpsgd import ghost
+
+        if not hasattr(ghost, name):
+            raise ValueError(f"this keras_dpsgd has no ghost.{name} (--ghost-set)")
+        setattr(ghost, name, value)
     if "clipping" in inspect.signature(model.fit).parameters:
         return {"clipping": args.dp_clipping}
     if args.dp_clipping not in ("vectorized", "auto"):
@@ -1031,7 +1055,7 @@ def run_worker(variant, model, args, log_file):
            "--batch", str(args.batch), "--precision", args.precision, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--fit-examples", str(args.fit_examples),
            "--result-file", result_file, "--dp-clipping", args.dp_clipping, "--gram-kernel", args.gram_kernel,
-           "--sum-kernel", args.sum_kernel,
+           "--sum-kernel", args.sum_kernel, *[f"--ghost-set={g}" for g in args.ghost_set or []],
            "--poisson-batch", str(args.poisson_batch), "--poisson-physical", str(args.poisson_physical),
            "--poisson-examples", str(args.poisson_examples), "--poisson-steps", str(args.poisson_steps),
            "--poisson-budget-s", str(args.poisson_budget_s)]
@@ -1209,6 +1233,9 @@ def main(argv=None):
     p.add_argument("--sum-kernel", default="xla", choices=["xla", "triton"],
                    help="keras_dpsgd.ghost.SUM_KERNEL for the book-keeping sums (triton: the fused "
                         "select-scale-matmul Pallas kernel)")
+    p.add_argument("--ghost-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set keras_dpsgd.ghost.NAME to VALUE (a Python literal) in the keras-dpsgd workers, "
+                        "e.g. FINITE_FAST_PATH=False or NORM_METHOD='gram'; repeatable; recorded in the JSON")
     p.add_argument("--dp-clipping", default="vectorized", choices=["vectorized", "ghost", "auto"],
                    help="keras-dpsgd fit(clipping=...) where supported (default vectorized)")
     p.add_argument("--keras-dpsgd-path", default=None,

@@ -6,6 +6,9 @@
 #                                         # a trace of each and device busy time vs. wall time
 #   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
 #                                         # (BENCHMARKS.md), to check that it fits
+#   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ViT-B/16 ghost with the finite fast path of the
+#                                         # book-keeping sums on and off
+#   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
 #   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused kernels (keras_dpsgd.kernels: Gram norm,
 #                                         # book-keeping sum) alone, then ViT-B/16 ghost with and without them
 # (Run C in BENCHMARKS.md used an earlier form of `scaling`: see git history of this file.)
@@ -50,7 +53,8 @@ case "$what" in
     cat "$out/profile_gaps.txt"
     ;;
   maxbatch)
-    # The linear largest-batch estimates of the second GPU session, tried:
+    # The linear largest-batch estimates of the second GPU session, tried
+    # (or the "model variant batch" lines in $MAXBATCH_RUNS):
     # one process per (model, variant, batch); an out-of-memory error is
     # recorded in the JSON instead of a result. Cheapest compiles first.
     export CUDA_VISIBLE_DEVICES=0
@@ -60,7 +64,7 @@ case "$what" in
       python3 tools/bench.py --models "$model" --batch "$batch" --only "$variant" --precision tf32 \
         --steps 3 --warmup 1 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log" \
         --json "$out/max_${model}_${variant}_${batch}.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -4
-    done <<'RUNS'
+    done <<<"${MAXBATCH_RUNS:-$(cat <<'RUNS'
 resnet18_gn keras_dpsgd 11912
 resnet18_gn keras 11888
 bert_base keras_dpsgd 400
@@ -68,6 +72,34 @@ bert_base keras 416
 vit_b16 keras_dpsgd 560
 vit_b16 keras 576
 RUNS
+)}"
+    ;;
+  sumpath)
+    # The book-keeping sums' finite fast path (ghost.FINITE_FAST_PATH) on and
+    # off, against non-private Keras, one process per configuration. (Run H
+    # in BENCHMARKS.md also tried a blocked Gram form, since removed: see the
+    # git history of this file.)
+    export CUDA_VISIBLE_DEVICES=0
+    common=(--models vit_b16 --batch 64 --precision tf32 --steps 20 --warmup 3 --dp-clipping ghost
+            --variant-timeout 240 --log "$out/bench.log")
+    python3 tools/bench.py --only keras,keras_dpsgd "${common[@]}" --json "$out/vit_new.json"
+    python3 tools/bench.py --only keras_dpsgd --ghost-set FINITE_FAST_PATH=False "${common[@]}" \
+      --json "$out/vit_select.json"
+    ;;
+  ratios)
+    # Issue 5's ratios without the profiles of `ghost`: ViT-B/16, BERT-base,
+    # then ResNet-18-GN, each against non-private Keras and Opacus ghost in
+    # the same run; a model not started before DEADLINE_S seconds is skipped.
+    export CUDA_VISIBLE_DEVICES=0
+    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
+    common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 200 --log "$out/bench.log")
+    for mb in vit_b16:64:keras,keras_dpsgd,opacus_ghost bert_base:32:keras,keras_dpsgd,opacus_ghost \
+              resnet18_gn:256:keras,keras_dpsgd; do
+      IFS=: read -r model batch only <<<"$mb"
+      if (( $(date +%s) > deadline )); then echo "deadline: skipped $model"; continue; fi
+      python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" "${common[@]}" \
+        --json "$out/$model.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror"
+    done
     ;;
   gramkernel)
     # First the norm forms alone (a minute), then the ViT step with the XLA
