@@ -43,6 +43,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The fused forms import keras_dpsgd, hence Keras: on the JAX backend whatever the
+# machine's default (the GPU machine has no TensorFlow).
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # name, T, d_in, d_out widths (q, k, v: one input Gram, three output Grams), count per block
 VIT_LAYERS = [
