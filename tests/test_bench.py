@@ -52,6 +52,26 @@ def test_bench_tiny_jax_variants_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_ghost_settings_are_applied_and_recorded(tmp_path):
+    """--ghost-set sets keras_dpsgd.ghost attributes in the workers (a typo fails
+    the variant, not silently) and the JSON rows record them."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    base = [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--tiny", "--models", "vit_b16",
+            "--only", "keras_dpsgd", "--dp-clipping", "ghost", "--steps", "2", "--warmup", "1"]
+    proc = subprocess.run(base + ["--ghost-set", "FINITE_FAST_PATH=False", "--ghost-set", "NORM_METHOD='gram'",
+                                  "--json", str(out)], capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["ghost_settings"] == {"FINITE_FAST_PATH": False, "NORM_METHOD": "gram"} for r in rows), rows
+    proc = subprocess.run(base + ["--ghost-set", "NO_SUCH_SETTING=1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["status"] == "failed" and "NO_SUCH_SETTING" in row.get("error", ""), row
+
+
 def test_bench_failure_is_reported_not_fatal(tmp_path):
     """A variant whose framework is missing or broken shows up as a row."""
     out = tmp_path / "bench.json"
