@@ -70,7 +70,7 @@ GRAM_KERNEL = "xla"
 SUM_KERNEL = "xla"
 
 # When every row's squared norm is finite, the book-keeping sums of dense-like
-# layers skip the per-row `where` selects (I4) and scale one operand by c_i
+# layers (Dense, EinsumDense, convolutions) skip the per-row `where` selects (I4) and scale one operand by c_i
 # (0 for padded and dropped rows, which are then finite, so they add exactly
 # 0). One on-device branch (lax.cond) on all(isfinite(norms)) picks this path
 # or the selecting one; both are compiled. Off under data parallelism (the
@@ -183,6 +183,8 @@ class LinearGrad:
     The norm uses the Gram form, or forms a_i^T g_i when that is cheaper
     (then reused for the sum); otherwise the sum is one weighted matmul.
     """
+
+    finite_fast_path = True  # clipped_sum(..., finite=True): see FINITE_FAST_PATH
 
     def __init__(self, a, g, to_weight):
         self.a, self.g, self.to_weight = a, g, to_weight
@@ -474,6 +476,8 @@ class ConvGrad:
     inputs on every device).
     """
 
+    finite_fast_path = True
+
     def __init__(self, layer, calls):
         self.layer, self.calls = layer, calls
         self.kshape = tuple(layer.kernel.shape)
@@ -532,10 +536,10 @@ class ConvGrad:
                                  self._to_kernel)
         return self.linear.sq_norm()
 
-    def clipped_sum(self, factors, keep, shards):
+    def clipped_sum(self, factors, keep, shards, finite=False):
         if self.linear is None:
             self.sq_norm()
-        return self.linear.clipped_sum(factors, keep, shards)
+        return self.linear.clipped_sum(factors, keep, shards, finite=finite)
 
 
 class ConvRule(GhostRule):
@@ -1129,14 +1133,16 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     shards = num_shards or 1
     sums = [None] * len(trainable)
     with jax.named_scope("dp_ghost_sums"):
-        linear = [p for p, rep in reps.items() if isinstance(rep, LinearGrad)]
+        # Dense-like weights (Dense, EinsumDense, convolutions on patches).
+        linear = [p for p, rep in reps.items() if getattr(rep, "finite_fast_path", False)]
 
         def linear_sums(finite):
             return [ops.cast(reps[p].clipped_sum(factors, keep, shards, finite=finite), "float32") for p in linear]
 
-        if linear and FINITE_FAST_PATH and shards == 1:
+        if linear and FINITE_FAST_PATH and shards == 1 and not _use_kernel(SUM_KERNEL, "SUM_KERNEL"):
             # Every norm finite (the usual case): no selects. Otherwise the
-            # selecting path drops the non-finite rows exactly (I4).
+            # selecting path drops the non-finite rows exactly (I4). (The
+            # fused sum kernel selects in registers: no branch for it.)
             got = jax.lax.cond(jnp.all(jnp.isfinite(sq)), lambda: linear_sums(True), lambda: linear_sums(False))
         else:
             got = linear_sums(False)
@@ -1212,10 +1218,72 @@ def choose_clipping(model, clipping, data_batch):
     return "ghost", reason
 
 
+def unisolated_vmap_weights(model):
+    """{id(variable): description} of trainable convolution kernels whose
+    per-example gradient, taken by `jax.vmap`, is NOT isolated between
+    examples: grouped convolutions with more than one input or output channel
+    per group (Conv1D/2D/3D with groups > 1, DepthwiseConv1D/2D and
+    SeparableConv1D/2D with depth_multiplier > 1).
+
+    vmap turns the kernel gradient of such a convolution into one with a
+    batch group count, which XLA lowers with a mask: one example's NaN or Inf
+    gradient then makes every example's kernel gradient NaN (measured on
+    XLA:CPU with jax 0.10; `tests/test_ghost.py` checks that this still
+    happens). Those examples would be dropped as non-finite, so one example
+    could remove the whole physical batch: the sum's sensitivity would no
+    longer be bounded by C (I3, I4). Pure depthwise convolutions (one channel
+    in and out per group) and groups = 1 were isolated in the same test. The
+    TensorFlow and PyTorch backends were isolated too.
+    """
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    found = {}
+    for layer in model._flatten_layers(include_self=False):
+        if not layer.trainable:
+            continue
+        if isinstance(layer, BaseConv) and getattr(layer, "groups", 1) > 1:
+            kernel = getattr(layer, "kernel", None)
+            if kernel is not None and (kernel.shape[-2] > 1 or layer.filters // layer.groups > 1):
+                found[id(kernel)] = f"{type(layer).__name__} {layer.name!r} (groups={layer.groups})"
+        elif isinstance(layer, (BaseDepthwiseConv, BaseSeparableConv)) and layer.depth_multiplier > 1:
+            kernel = getattr(layer, "depthwise_kernel", None) if isinstance(layer, BaseSeparableConv) else (
+                getattr(layer, "kernel", None))
+            if kernel is not None:
+                found[id(kernel)] = (f"{type(layer).__name__} {layer.name!r} "
+                                     f"(depth_multiplier={layer.depth_multiplier})")
+    return {k: v for k, v in found.items() if any(id(t) == k for t in model.trainable_variables)}
+
+
+def _check_isolated(model, mode, data_batch, clipping):
+    """Raises if `mode` would take a per-example gradient by vmap that is not
+    isolated between examples (see `unisolated_vmap_weights`)."""
+    bad = unisolated_vmap_weights(model)
+    if not bad:
+        return
+    if mode == "ghost":
+        plan, _ = _settled_plan(model, data_batch)
+        tvars = model.trainable_variables
+        bad = {k: v for k, v in bad.items() if any(id(tvars[p]) == k for p in plan.fallback)}
+        if not bad:
+            return
+    raise ValueError(
+        f"keras_dpsgd: fit(clipping={clipping!r}) on JAX would take per-example gradients of "
+        f"{', '.join(sorted(set(bad.values())))} with jax.vmap. For grouped convolutions with more than "
+        "one channel in or out per group XLA mixes examples there: one example with a NaN or Inf gradient "
+        "makes every example's kernel gradient NaN, so its whole batch would be dropped and the clipping "
+        "bound would not hold. Use clipping='ghost' or 'auto' (Conv1D/2D/3D with groups have ghost rules, "
+        "unless a kernel regularizer or a read outside the layer makes the weight fall back), "
+        "depth_multiplier=1 for depthwise and separable convolutions, or the TensorFlow or PyTorch "
+        "backend, where these gradients are isolated.")
+
+
 def select_clipping(model, clipping, data_batch):
     """Resolves fit(clipping=...) for `model` (JAX), stores it as
     `model._dp_clipping`, resets the compiled step when it changes, and logs
-    the choice once."""
+    the choice once. Raises if the choice would take per-example gradients
+    that are not isolated between examples (`unisolated_vmap_weights`)."""
     shapes = tree.map_structure(lambda t: (tuple(np.shape(t)), str(getattr(t, "dtype", ""))), data_batch)
     key = repr((clipping, shapes, [(v.path, tuple(v.shape)) for v in model.trainable_variables]))
     cached = model.__dict__.get("_dp_clipping_choice")
@@ -1223,6 +1291,16 @@ def select_clipping(model, clipping, data_batch):
         mode = cached[1]
     else:
         mode, reason = choose_clipping(model, clipping, data_batch)
+        if mode == "vectorized" and clipping == "auto" and unisolated_vmap_weights(model):
+            # Ghost takes those kernels' norms and sums from patches: no vmap.
+            try:
+                _check_isolated(model, "ghost", data_batch, clipping)
+                check_traceable(model, data_batch, _settled_plan(model, data_batch)[0])
+                mode, reason = "ghost", (f"grouped convolutions need it ({reason}, but vectorized "
+                                         "gradients of grouped convolutions are not isolated on JAX)")
+            except Exception:  # noqa: BLE001 - ghost cannot take them: the check below says why
+                pass
+        _check_isolated(model, mode, data_batch, clipping)
         if model.__dict__.get("_dp_clipping") != mode or cached is None:
             logger.info("keras_dpsgd: clipping=%r uses %s clipping (%s).", clipping, mode, reason)
         object.__setattr__(model, "_dp_clipping_choice", (key, mode))

@@ -257,7 +257,79 @@ def test_conv(norm_method):
     model = _branches([s for _, s in CONVS], [lambda i, m=m: m()(i) for m, _ in CONVS])
     assert not ghost.build_plan(model).fallback
     x = [rng.normal(size=(4,) + s).astype("float32") for _, s in CONVS]
-    _assert_match(model, x, rng.normal(size=(4, 2)).astype("float32"), clip=0.5)
+    y = rng.normal(size=(4, 2)).astype("float32")
+    _assert_match(model, x, y, clip=0.5)
+    # I4 on the convolutions' sums: a real row with a NaN gradient (dropped,
+    # counted) and a padded row (dropped). The reference is the vectorized
+    # path with that row's weight 0 instead (vmap does not isolate grouped
+    # convolutions' NaN rows: test below).
+    mask = [True, True, True, False]
+    _, gh = _both(model, x, y, sw=np.array([1.0, np.nan, 1.0, 1.0], "float32"), mask=mask, clip=0.5)
+    vec, _ = _both(model, x, y, sw=np.array([1.0, 0.0, 1.0, 1.0], "float32"), mask=mask, clip=0.5)
+    assert list(gh["keep"]) == [True, False, True, False] and int(gh["nonfinite"]) == 1
+    for var, v, g in zip(model.trainable_variables, vec["sums"], gh["sums"]):
+        np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6, err_msg=var.path)
+
+
+def _conv_model(make_conv, shape, extra=None):
+    inputs = keras.Input(shape)
+    h = layers.Flatten()(make_conv()(inputs))
+    if extra is not None:
+        h = extra(h)
+    return _compiled(inputs, layers.Dense(2)(h))
+
+
+def test_vmapped_grouped_conv_kernel_gradients_are_not_isolated_on_xla():
+    """Why `ghost.unisolated_vmap_weights` exists: under jax.vmap, one
+    example's NaN makes every example's kernel gradient NaN for a grouped
+    convolution with several channels per group, not for groups = 1 or a pure
+    depthwise convolution. If XLA stops mixing them, this fails, and the
+    restriction in fit can go."""
+    rng = _rng(12)
+    cases = [(lambda: layers.Conv2D(4, 3, groups=2), (5, 5, 4), True),
+             (lambda: layers.DepthwiseConv2D(3, depth_multiplier=2), (5, 5, 2), True),
+             (lambda: layers.Conv2D(4, 3), (5, 5, 4), False),
+             (lambda: layers.DepthwiseConv2D(3), (5, 5, 2), False)]
+    for conv, shape, mixed in cases:
+        model = _conv_model(conv, shape)
+        assert bool(ghost.unisolated_vmap_weights(model)) == mixed
+        x = rng.normal(size=(4,) + shape).astype("float32")
+        x[1, 0] = np.nan
+        tv = [v.value for v in model.trainable_variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+        out = jax.jit(lambda tv, x, y: jax_backend.per_example_grads(model, tv, ntv, [], [], x, y, None))(
+            tv, x, np.zeros((4, 2), "float32"))
+        kernel = np.asarray(out[2][0]).reshape(4, -1)  # the convolution's kernel comes first
+        rows = np.where(~np.all(np.isfinite(kernel), axis=1))[0].tolist()
+        assert rows == ([0, 1, 2, 3] if mixed else [1]), (conv().name, rows)
+
+
+def test_fit_refuses_unisolated_per_example_gradients():
+    """Grouped convolutions with several channels per group: vectorized
+    clipping is refused with what to do instead; auto takes ghost (the
+    convolution's norm and sum come from patches) even where it would
+    otherwise pick vectorized; ghost is refused if the kernel falls back."""
+    grouped = lambda **kw: layers.Conv2D(4, 3, groups=2, **kw)  # noqa: E731
+    batch = (np.zeros((8, 5, 5, 4), "float32"), np.zeros((8, 2), "float32"), None)
+    model = _conv_model(grouped, (5, 5, 4))
+    with pytest.raises(ValueError, match="clipping='vectorized'.*not hold.*clipping='ghost'"):
+        ghost.select_clipping(model, "vectorized", batch)
+    # An unruled layer holding most parameters: auto would pick vectorized.
+    big = _conv_model(grouped, (5, 5, 4), extra=lambda h: layers.SimpleRNN(64)(layers.Reshape((4, 9))(h)))
+    assert ghost.choose_clipping(big, "auto", batch)[0] == "vectorized"
+    assert ghost.select_clipping(big, "auto", batch) == "ghost"
+    regularized = _conv_model(lambda: grouped(kernel_regularizer=keras.regularizers.L2(0.1)), (5, 5, 4))
+    with pytest.raises(ValueError, match="clipping='ghost'"):
+        ghost.select_clipping(regularized, "ghost", batch)
+    with pytest.raises(ValueError, match="depth_multiplier=1"):
+        ghost.select_clipping(_conv_model(lambda: layers.DepthwiseConv2D(3, depth_multiplier=2), (5, 5, 4)),
+                              "auto", batch)
+    # Through fit, and fine where the gradients are isolated.
+    with pytest.raises(ValueError, match="not hold"):
+        model.fit(batch[0], batch[1], batch_size=4, l2_norm_clip=1.0, noise_multiplier=1.0,
+                  clipping="vectorized", verbose=0)
+    ok = _conv_model(lambda: layers.DepthwiseConv2D(3), (5, 5, 4))
+    assert ghost.select_clipping(ok, "vectorized", batch) == "vectorized"
 
 
 # ------------------------------------------------- models, masks, policies

@@ -114,3 +114,21 @@ def test_sample_weights_scale_the_loss_before_clipping():
     assert update(np.zeros(32, "float32")) == 0.0  # weight 0 removes an example
     small, huge = update(np.ones(32, "float32")), update(np.full(32, 1e6, "float32"))
     assert 0 < small < huge <= 1.0 + 1e-5  # a huge weight is clipped: never above C
+
+
+def test_one_nan_example_drops_only_itself_in_a_grouped_convolution():
+    """I3/I4 across examples: a grouped convolution with several channels per
+    group, one NaN image in a batch taken whole (q = 1). Exactly that example
+    is dropped on every backend (JAX takes ghost clipping: its vmapped
+    gradients mix examples here, see tests/test_ghost.py)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 5, 5, 4)).astype("float32")
+    x[2, 1, 1, 0] = np.nan
+    y = rng.integers(0, 2, size=(8,)).astype("int32")
+    inputs = keras.Input((5, 5, 4))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, groups=2)(inputs))
+    model = keras_dpsgd.DPModel(inputs, keras.layers.Dense(2)(h))
+    compile_sgd(model)
+    hist = quiet_fit(model, x, y, batch_size=8, steps_per_epoch=1, physical_batch_size=8)
+    assert hist.history["nonfinite"][0] == 1
+    assert all(np.isfinite(w).all() for w in weights_of(model))
