@@ -304,6 +304,37 @@ def test_vmapped_grouped_conv_kernel_gradients_are_not_isolated_on_xla():
         assert rows == ([0, 1, 2, 3] if mixed else [1]), (conv().name, rows)
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: layers.LSTM(4), (5, 3)),
+    (lambda: layers.MultiHeadAttention(2, 2), (5, 4)),
+    (lambda: layers.Conv2DTranspose(3, 3, strides=2), (4, 4, 2)),
+    (lambda: layers.SeparableConv2D(4, 3), (6, 6, 3)),
+    (lambda: layers.Conv2D(3, 3, dilation_rate=2), (7, 7, 2)),
+    (lambda: layers.GroupNormalization(2), (4, 4, 4)),
+    (lambda: layers.ConvLSTM2D(2, 3), (3, 5, 5, 2)),
+], ids=["lstm", "attention", "conv_transpose", "separable_m1", "dilated_conv", "group_norm", "conv_lstm"])
+def test_vmapped_per_example_gradients_stay_isolated_elsewhere(make, shape):
+    """The other side of the test above: for these layers one example's NaN
+    reaches only its own per-example gradient under jax.vmap (an audit of 22
+    Keras layers found the grouped convolutions above the only exception)."""
+    rng = _rng(13)
+    inputs = keras.Input(shape)
+    layer = make()
+    h = layer(inputs, inputs) if isinstance(layer, layers.MultiHeadAttention) else layer(inputs)
+    model = _compiled(inputs, layers.Dense(2)(layers.Flatten()(h)))
+    assert not ghost.unisolated_vmap_weights(model)
+    x = rng.normal(size=(4,) + shape).astype("float32")
+    sw = np.array([1.0, np.nan, 1.0, 1.0], "float32")
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    out = jax.jit(lambda tv, x, y, sw: jax_backend.per_example_grads(model, tv, ntv, [], [], x, y, sw))(
+        tv, x, np.zeros((4, 2), "float32"), sw)
+    for var, g in zip(model.trainable_variables, out[2]):
+        rows = np.asarray(g).reshape(4, -1)
+        assert np.all(np.isfinite(rows[[0, 2, 3]])), var.path
+        assert not np.all(np.isfinite(rows[1])), var.path
+
+
 def test_fit_refuses_unisolated_per_example_gradients():
     """Grouped convolutions with several channels per group: vectorized
     clipping is refused with what to do instead; auto takes ghost (the
