@@ -1235,21 +1235,20 @@ def unisolated_vmap_weights(model):
     in and out per group) and groups = 1 were isolated in the same test. The
     TensorFlow and PyTorch backends were isolated too.
     """
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
+    kl = keras.layers
+    convs = (kl.Conv1D, kl.Conv2D, kl.Conv3D)
+    depthwise = (kl.DepthwiseConv1D, kl.DepthwiseConv2D)
+    separable = (kl.SeparableConv1D, kl.SeparableConv2D)
     found = {}
     for layer in model._flatten_layers(include_self=False):
         if not layer.trainable:
             continue
-        if isinstance(layer, BaseConv) and getattr(layer, "groups", 1) > 1:
+        if isinstance(layer, convs) and getattr(layer, "groups", 1) > 1:
             kernel = getattr(layer, "kernel", None)
             if kernel is not None and (kernel.shape[-2] > 1 or layer.filters // layer.groups > 1):
                 found[id(kernel)] = f"{type(layer).__name__} {layer.name!r} (groups={layer.groups})"
-        elif isinstance(layer, (BaseDepthwiseConv, BaseSeparableConv)) and layer.depth_multiplier > 1:
-            kernel = getattr(layer, "depthwise_kernel", None) if isinstance(layer, BaseSeparableConv) else (
-                getattr(layer, "kernel", None))
+        elif isinstance(layer, depthwise + separable) and getattr(layer, "depth_multiplier", 1) > 1:
+            kernel = getattr(layer, "depthwise_kernel" if isinstance(layer, separable) else "kernel", None)
             if kernel is not None:
                 found[id(kernel)] = (f"{type(layer).__name__} {layer.name!r} "
                                      f"(depth_multiplier={layer.depth_multiplier})")
