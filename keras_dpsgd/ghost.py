@@ -70,9 +70,9 @@ GRAM_KERNEL = "xla"
 SUM_KERNEL = "xla"
 
 # When every row's squared norm is finite, the book-keeping sums of dense-like
-# layers (Dense, EinsumDense, convolutions) skip the per-row `where` selects (I4) and scale one operand by c_i
-# (0 for padded and dropped rows, which are then finite, so they add exactly
-# 0). One on-device branch (lax.cond) on all(isfinite(norms)) picks this path
+# layers (Dense, EinsumDense, convolutions) skip the per-row `where` selects
+# (I4) and scale one operand by c_i (0 for padded and dropped rows, which are
+# then finite, so they add exactly 0). One on-device branch (lax.cond) on all(isfinite(norms)) picks this path
 # or the selecting one; both are compiled. Off under data parallelism (the
 # predicate would need an all-reduce) and for tests of the selecting path.
 FINITE_FAST_PATH = True
@@ -1252,21 +1252,21 @@ def unisolated_vmap_weights(model):
             if kernel is not None:
                 found[id(kernel)] = (f"{type(layer).__name__} {layer.name!r} "
                                      f"(depth_multiplier={layer.depth_multiplier})")
-    return {k: v for k, v in found.items() if any(id(t) == k for t in model.trainable_variables)}
+    trainable = {id(v) for v in model.trainable_variables}
+    return {k: v for k, v in found.items() if k in trainable}
 
 
-def _check_isolated(model, mode, data_batch, clipping):
-    """Raises if `mode` would take a per-example gradient by vmap that is not
-    isolated between examples (see `unisolated_vmap_weights`)."""
-    bad = unisolated_vmap_weights(model)
-    if not bad:
-        return
-    if mode == "ghost":
-        plan, _ = _settled_plan(model, data_batch)
-        tvars = model.trainable_variables
-        bad = {k: v for k, v in bad.items() if any(id(tvars[p]) == k for p in plan.fallback)}
-        if not bad:
-            return
+def _vmapped(model, bad, plan):
+    """The entries of `bad` whose gradients `plan` (None: the vectorized path)
+    takes by vmap: all of them, or a ghost plan's fallback weights."""
+    if plan is None:
+        return bad
+    fallback = {id(model.trainable_variables[p]) for p in plan.fallback}
+    return {k: v for k, v in bad.items() if k in fallback}
+
+
+def _refuse_unisolated(bad, clipping):
+    """Raises for the weights in `bad` (see `unisolated_vmap_weights`)."""
     raise ValueError(
         f"keras_dpsgd: fit(clipping={clipping!r}) on JAX would take per-example gradients of "
         f"{', '.join(sorted(set(bad.values())))} with jax.vmap. For grouped convolutions with more than "
@@ -1290,16 +1290,25 @@ def select_clipping(model, clipping, data_batch):
         mode = cached[1]
     else:
         mode, reason = choose_clipping(model, clipping, data_batch)
-        if mode == "vectorized" and clipping == "auto" and unisolated_vmap_weights(model):
-            # Ghost takes those kernels' norms and sums from patches: no vmap.
+        bad = unisolated_vmap_weights(model)
+        plan = None
+        if bad and mode == "vectorized" and clipping == "auto":
+            # Ghost takes those kernels' norms and sums from patches (no vmap)
+            # unless they fall back.
             try:
-                _check_isolated(model, "ghost", data_batch, clipping)
-                check_traceable(model, data_batch, _settled_plan(model, data_batch)[0])
-                mode, reason = "ghost", (f"grouped convolutions need it ({reason}, but vectorized "
-                                         "gradients of grouped convolutions are not isolated on JAX)")
-            except Exception:  # noqa: BLE001 - ghost cannot take them: the check below says why
+                plan = _settled_plan(model, data_batch)[0]
+                if not _vmapped(model, bad, plan):
+                    check_traceable(model, data_batch, plan)
+                    mode, reason = "ghost", (f"grouped convolutions need it ({reason}, but vectorized "
+                                             "gradients of grouped convolutions are not isolated on JAX)")
+            except Exception:  # noqa: BLE001 - ghost cannot trace it: refused below
                 pass
-        _check_isolated(model, mode, data_batch, clipping)
+        if bad:
+            if mode == "ghost" and plan is None:
+                plan = _settled_plan(model, data_batch)[0]
+            bad = _vmapped(model, bad, plan if mode == "ghost" else None)
+            if bad:
+                _refuse_unisolated(bad, clipping)
         if model.__dict__.get("_dp_clipping") != mode or cached is None:
             logger.info("keras_dpsgd: clipping=%r uses %s clipping (%s).", clipping, mode, reason)
         object.__setattr__(model, "_dp_clipping_choice", (key, mode))
