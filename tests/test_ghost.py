@@ -359,6 +359,12 @@ def test_fit_refuses_unisolated_per_example_gradients():
     with pytest.raises(ValueError, match="not hold"):
         model.fit(batch[0], batch[1], batch_size=4, l2_norm_clip=1.0, noise_multiplier=1.0,
                   clipping="vectorized", verbose=0)
+    # Refused before any step or accounting: the same model then trains with ghost.
+    assert int(model.optimizer.iterations.value) == 0
+    hist = model.fit(batch[0], batch[1], batch_size=4, l2_norm_clip=1.0, noise_multiplier=1.0,
+                     clipping="ghost", verbose=0, steps_per_epoch=2)
+    assert model._dp_clipping == "ghost" and len(hist.history["epsilon"]) == 1
+    assert int(model.optimizer.iterations.value) == 2
     ok = _conv_model(lambda: layers.DepthwiseConv2D(3), (5, 5, 4))
     assert ghost.select_clipping(ok, "vectorized", batch) == "vectorized"
 
