@@ -76,7 +76,7 @@ RUNS
     ;;
   sumpath)
     # The book-keeping sums' finite fast path (ghost.FINITE_FAST_PATH) on and
-    # off, against non-private Keras, one process per configuration. (Run H
+    # off, against non-private Keras, one process per configuration. (Run J
     # in BENCHMARKS.md also tried a blocked Gram form, since removed: see the
     # git history of this file.)
     export CUDA_VISIBLE_DEVICES=0
