@@ -773,8 +773,12 @@ def worker_keras_dpsgd(args, out):
     peak = jax_peak_bytes(jax)
     memory = jax_memory(jax, args.batch, peak)
     jax_profile(jax, args, step, jax.block_until_ready, f"{args.model}_keras_dpsgd_{args.dp_clipping}")
+    # Newer keras_dpsgd: whether ghost clipping ran one batched forward ("")
+    # or vmapped over examples (the reason).
+    batched = list(model.__dict__.get("_dp_batched_forward", {}).values())
     common = {"params": int(base.count_params()), "device": jax_device(jax), "memory": memory,
               "clipping": _clipping_kwargs(model, args).get("clipping", "vectorized (only mode)"),
+              "ghost_forward": [r or "batched" for r in batched] or None,
               "versions": versions("jax", "jaxlib", "keras")}
     out.append(step_record("keras_dpsgd", args, times, peak, dict(
         common, compiles=counter.summary(),
