@@ -1067,214 +1067,6 @@ def discover(model, plan, trainable, ntv, metrics_vars, optimizer_vars, xi, yi, 
     return holder["specs"], outside
 
 
-# --------------------------------------------------------------------------
-# The batched forward: one pass over the physical batch instead of vmap.
-
-# Use the batched forward where `keras_dpsgd.isolation` proves it keeps
-# examples apart (else the vmapped batch-of-one forward, as before).
-BATCHED_FORWARD = True
-
-
-class _NotBatchable(Exception):
-    pass
-
-
-def _fallback_owners(model, plan):
-    """{layer: [positions]} of the layers that hold the fallback weights, each
-    a leaf layer (no sublayers) that is not itself tapped; raises
-    _NotBatchable otherwise."""
-    tv = model.trainable_variables
-    tapped = {id(e.layer) for e in plan.entries}
-    owner = {}
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for v in layer._trainable_variables:
-            owner.setdefault(id(v), layer)
-    owners = {}
-    for p in plan.fallback:
-        layer = owner.get(id(tv[p]))
-        if layer is None or layer is model:
-            raise _NotBatchable(f"weight {tv[p].path} is not held by a layer")
-        if id(layer) in tapped:
-            raise _NotBatchable(f"layer {layer.name!r} has both ruled and fallback weights")
-        if list(layer._flatten_layers(include_self=False)):
-            raise _NotBatchable(f"layer {layer.name!r} holds fallback weights and has sublayers")
-        if layer.non_trainable_variables:
-            raise _NotBatchable(f"layer {layer.name!r} holds fallback weights and non-trainable state")
-        owners.setdefault(layer, []).append(p)
-    return owners
-
-
-class _VmapLayers:
-    """Context manager: each layer in `owners` runs its call under `jax.vmap`
-    over the batch (batches of one, as on the vmapped path), with its
-    weights replaced by per-example copies (B, ...), so the gradient w.r.t.
-    the copies is each example's gradient of those weights."""
-
-    def __init__(self, model, owners, copies):
-        tv = model.trainable_variables
-        self.items = [(layer, [id(tv[p]) for p in ps], [copies[p] for p in ps]) for layer, ps in owners.items()]
-        self._saved = []
-
-    def _wrap(self, layer, ids, values):
-        original = layer.call
-
-        def call(*args, **kwargs):
-            from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-            rest = (args[1:], kwargs)
-            if not args or any(_static(v) is None and v is not None for v in tree.flatten(rest)):
-                raise _NotBatchable(f"layer {layer.name!r} is called with array arguments besides its input")
-
-            def one(vals, xi):
-                mapping = get_stateless_scope().state_mapping
-                saved = {k: mapping.get(k, _MISSING) for k in ids}
-                mapping.update(zip(ids, vals))
-                try:
-                    out = original(common.add_batch_axis(xi), *args[1:], **kwargs)
-                finally:
-                    for k, v in saved.items():
-                        if v is _MISSING:
-                            mapping.pop(k, None)
-                        else:
-                            mapping[k] = v
-                return tree.map_structure(lambda t: t[0], out)
-
-            return jax.vmap(one)(values, args[0])
-
-        return call
-
-    def __enter__(self):
-        for layer, ids, values in self.items:
-            self._saved.append((layer, layer.__dict__.get("call", _MISSING)))
-            object.__setattr__(layer, "call", self._wrap(layer, ids, values))
-        return self
-
-    def __exit__(self, *exc):
-        for layer, old in reversed(self._saved):
-            if old is _MISSING:
-                object.__delattr__(layer, "call")
-            else:
-                object.__setattr__(layer, "call", old)
-        self._saved = []
-        return False
-
-
-def _batched_fn(model, plan, owners, holder):
-    """f(fb_outside, fb_copies, taps, tv, ntv, mv, ov, x, y, sw) ->
-    (sum of scaled losses, (unscaled losses (B,), y_pred, tapped inputs)):
-    the whole batch in one forward. `fb_outside` is what the fallback weights
-    read outside their own layer's call (must be nothing)."""
-    fb_pos = list(plan.fallback)
-    owned = [p for ps in owners.values() for p in ps]
-
-    def f(fb_outside, fb_copies, taps, tv, ntv, mv, ov, x, y, sw):
-        tv = list(tv)
-        for p, v in zip(fb_pos, fb_outside):
-            tv[p] = v
-        tapper = _Taps(plan.entries, taps)
-        holder["calls"] = tapper.options
-        kwargs = {"training": True} if model._call_has_training_arg else {}
-        with tapper, _VmapLayers(model, owners, dict(zip(owned, fb_copies))):
-            y_pred, _, extra = model.stateless_call(tv, ntv, x, return_losses=True, **kwargs)
-        if extra:
-            raise _NotBatchable("the forward adds losses (add_loss or activity regularizers)")
-        opt = model.optimizer
-
-        def one(xi, yi, ypi, swi):
-            loss, _ = model.stateless_compute_loss(
-                tv, ntv, mv, x=common.add_batch_axis(xi), y=common.add_batch_axis(yi),
-                y_pred=common.add_batch_axis(ypi), sample_weight=common.add_batch_axis(swi), training=True)
-            unscaled = loss
-            if opt is not None:  # as compute_loss_and_updates: mixed-precision loss scaling
-                with keras.StatelessScope(state_mapping=list(zip(opt.variables, ov))):
-                    loss = opt.scale_loss(loss)
-            return loss, unscaled
-
-        scaled, unscaled = jax.vmap(one)(x, y, y_pred, sw)
-        return jnp.sum(scaled), (unscaled, y_pred, tapper.inputs)
-
-    return f
-
-
-def _batched_forward(model, plan, specs, batch, trainable, non_trainable, metrics_vars,
-                     optimizer_vars, x, y, sample_weight):
-    """The batched forward and backward, or None where it is not proven to
-    keep examples apart (then the caller vmaps). Returns (losses, y_pred,
-    inputs, call options, fallback grads, tap grads) in the vmapped path's
-    layout (a batch-of-one axis after the batch axis on inputs and grads)."""
-    key = repr((batch, jax.tree_util.tree_map(lambda t: (tuple(t.shape), str(t.dtype)), (x, y, sample_weight)),
-                [(v.path, tuple(v.shape)) for v in model.trainable_variables], [e.layer.name for e in plan.entries],
-                plan.fallback))
-    cache = model.__dict__.setdefault("_dp_batched_forward", {})
-    if not BATCHED_FORWARD or batch < 2:
-        cache[key] = "ghost.BATCHED_FORWARD is off" if not BATCHED_FORWARD else "a batch of one"
-        return None
-    fb_pos = list(plan.fallback)
-    try:
-        if common.seed_state_positions(model):
-            raise _NotBatchable("random layers (dropout keys are per example on the vmapped path)")
-        if any(s.shape[:1] != (1,) for per_call in specs for s in per_call):
-            raise _NotBatchable("a tapped tensor has no batch axis")
-        owners = _fallback_owners(model, plan)
-        taps = [[jnp.zeros((batch,) + tuple(s.shape[1:]), s.dtype) for s in per_call] for per_call in specs]
-        copies = [jnp.broadcast_to(trainable[p], (batch,) + tuple(trainable[p].shape)) for p in fb_pos]
-        copies = [copies[fb_pos.index(p)] for ps in owners.values() for p in ps]
-        holder = {}
-        f = _batched_fn(model, plan, owners, holder)
-        args = ([trainable[p] for p in fb_pos], copies, taps, trainable, list(non_trainable), metrics_vars,
-                optimizer_vars, x, y, sample_weight)
-        grad_fn = jax.value_and_grad(f, argnums=(1, 2), has_aux=True)
-        if key not in cache:
-            cache[key] = _prove_isolated(grad_fn, args, batch)
-            if cache[key]:
-                logger.info("keras_dpsgd: ghost clipping on %r cannot batch its forward (%s); it vmaps "
-                            "over examples.", model.name, cache[key])
-            else:
-                logger.info("keras_dpsgd: ghost clipping on %r runs one batched forward and backward "
-                            "(examples proven apart).", model.name)
-        if cache[key]:
-            return None
-    except _NotBatchable as e:
-        if key not in cache:
-            logger.info("keras_dpsgd: ghost clipping on %r cannot batch its forward (%s); it vmaps over "
-                        "examples.", model.name, e)
-        cache[key] = str(e)
-        return None
-    (_, (losses, y_pred, inputs)), (fb_grads, tap_grads) = grad_fn(*args)
-    one = lambda t: t[:, None]  # noqa: E731 - the vmapped path's batch-of-one axis
-    inputs = [[tree.map_structure(one, t) for t in per_call] for per_call in inputs]
-    tap_grads = [[one(t) for t in per_call] for per_call in tap_grads]
-    order = [p for ps in owners.values() for p in ps]
-    fb_grads = [fb_grads[order.index(p)] for p in fb_pos]
-    return losses, y_pred, inputs, holder["calls"], fb_grads, tap_grads
-
-
-def _prove_isolated(grad_fn, args, batch):
-    """'' if every per-example output of `grad_fn(*args)` is proven to depend
-    on its own example only and the fallback weights are read only inside
-    their layers; else the reason it is not."""
-    from keras_dpsgd import isolation
-
-    closed = jax.make_jaxpr(grad_fn)(*args)
-    jaxpr = closed.jaxpr
-    fb_outside, copies, taps, tv, ntv, mv, ov, x, y, sw = args
-    groups = [(fb_outside, None), (copies, 0), (taps, 0), (tv, None), (ntv, None), (mv, None), (ov, None),
-              (x, 0), (y, 0), (sw, 0)]
-    in_axes = [a for g, a in groups for _ in jax.tree_util.tree_leaves(g)]
-    if len(in_axes) != len(jaxpr.invars):
-        return "unexpected jaxpr inputs"
-    n_out = len(jax.tree_util.tree_leaves(fb_outside))
-    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-    if any(id(v) in used for v in jaxpr.invars[:n_out]):
-        return "a fallback weight is read outside its own layer's call"
-    out_axes, reason = isolation.example_axes(closed, in_axes, batch)
-    # Outputs: the summed loss (mixes by design), then the per-example ones.
-    for a in out_axes[1:]:
-        if a not in (0, None):
-            return f"examples may mix ({reason or 'an output is not batched along its first axis'})"
-    return ""
-
-
 def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
                  x, y, sample_weight, mask, l2_norm_clip, num_shards=None, plan=None):
     """Per-example clipping and masked summation by ghost norms + book-keeping.
@@ -1298,37 +1090,30 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
     if outside:
         plan = build_plan(model, exclude=outside)
         specs, _ = discover(model, plan, trainable, *example)
+    taps = [[jnp.zeros((batch,) + tuple(s.shape), s.dtype) for s in per_call] for per_call in specs]
     fb_pos = list(plan.fallback)
+
+    options = {}
+
+    def loss_and_inputs(fb_vals, taps, tv, ntv, xi, yi, swi):
+        tv = list(tv)
+        for p, v in zip(fb_pos, fb_vals):
+            tv[p] = v
+        tapper = _Taps(plan.entries, taps)
+        options["calls"] = tapper.options  # Python values, read after the trace
+        loss, (unscaled, y_pred) = _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi)
+        return loss, (unscaled, y_pred, tapper.inputs)
+
+    grad_fn = jax.vmap(jax.value_and_grad(loss_and_inputs, argnums=(0, 1), has_aux=True),
+                       in_axes=(None, 0, None, ntv_axes, 0, 0, 0))
     fb_vals = [trainable[p] for p in fb_pos]
-    batched = _batched_forward(model, plan, specs, batch, trainable, non_trainable, metrics_vars,
-                               optimizer_vars, x, y, sample_weight)
-    if batched is not None:
-        # One batched forward and backward (no vmap): the same per-example
-        # numbers, proven isolated for this model (`keras_dpsgd.isolation`).
-        losses, y_pred, inputs, options_calls, fb_grads, tap_grads = batched
-    else:
-        taps = [[jnp.zeros((batch,) + tuple(s.shape), s.dtype) for s in per_call] for per_call in specs]
-        options = {}
-
-        def loss_and_inputs(fb_vals, taps, tv, ntv, xi, yi, swi):
-            tv = list(tv)
-            for p, v in zip(fb_pos, fb_vals):
-                tv[p] = v
-            tapper = _Taps(plan.entries, taps)
-            options["calls"] = tapper.options  # Python values, read after the trace
-            loss, (unscaled, y_pred) = _forward(model, tapper, tv, ntv, metrics_vars, optimizer_vars, xi, yi, swi)
-            return loss, (unscaled, y_pred, tapper.inputs)
-
-        grad_fn = jax.vmap(jax.value_and_grad(loss_and_inputs, argnums=(0, 1), has_aux=True),
-                           in_axes=(None, 0, None, ntv_axes, 0, 0, 0))
-        (_, (losses, y_pred, inputs)), (fb_grads, tap_grads) = grad_fn(
-            fb_vals, taps, trainable, per_ex_ntv, x, y, sample_weight)
-        options_calls = options["calls"]
+    (_, (losses, y_pred, inputs)), (fb_grads, tap_grads) = grad_fn(
+        fb_vals, taps, trainable, per_ex_ntv, x, y, sample_weight)
 
     # Named scopes label the norm and sum work in profiles (tools/profile_summary.py).
     with jax.named_scope("dp_ghost_norms"):
         reps = {}
-        for entry, ins, gs, opts in zip(plan.entries, inputs, tap_grads, options_calls):
+        for entry, ins, gs, opts in zip(plan.entries, inputs, tap_grads, options["calls"]):
             if ins and entry.rule.uses_call_options:
                 got = entry.rule.prepare(entry.layer, list(zip(ins, gs)), tuple(entry.roles), opts)
             elif ins:
@@ -1448,7 +1233,11 @@ def unisolated_vmap_weights(model):
     could remove the whole physical batch: the sum's sensitivity would no
     longer be bounded by C (I3, I4). Pure depthwise convolutions (one channel
     in and out per group) and groups = 1 were isolated in the same test. The
-    TensorFlow and PyTorch backends were isolated too.
+    TensorFlow and PyTorch backends were isolated too. On an H200 (XLA:GPU,
+    jax 0.11.2) the same gradients were isolated (`tools/vmap_leak.py`), but
+    the refusal applies on every platform: whether XLA mixes them depends on
+    its lowering, which can change with the version, the device and the
+    shapes.
     """
     kl = keras.layers
     convs = (kl.Conv1D, kl.Conv2D, kl.Conv3D)

@@ -42,6 +42,12 @@ def test_bench_tiny_jax_variants_and_plot(tmp_path):
     # The accumulate-only step runs the same executable (is_last is data).
     assert rows["keras_dpsgd_accumulate"]["compiles"]["train_step_compiles"] == 1
     assert "keras_dpsgd / keras" in doc["ratios"]["vit_b16"]
+    # Back-to-back steps (one sync at the end) for the two step rows, and their ratio.
+    for name in ("keras", "keras_dpsgd"):
+        assert rows[name]["pipelined_examples_per_s"] > 0, rows[name]
+    pipelined = doc["ratios"]["vit_b16"]["keras_dpsgd / keras (pipelined)"]
+    assert pipelined == pytest.approx(rows["keras_dpsgd"]["pipelined_examples_per_s"]
+                                      / rows["keras"]["pipelined_examples_per_s"])
 
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"

@@ -9,9 +9,8 @@
 #   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ViT-B/16 ghost with the finite fast path of the
 #                                         # book-keeping sums on and off
 #   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
-#   bash tools/gpu_runs.sh batched OUT    # issue 5: ghost clipping's batched forward (ghost.BATCHED_FORWARD)
-#                                         # against the vmapped one, BERT-base and ResNet-18-GN; and whether
-#                                         # vmap mixes examples in grouped-conv kernel gradients on the GPU
+#   bash tools/gpu_runs.sh leak OUT       # whether vmap mixes examples in grouped-conv kernel gradients
+#                                         # on the GPU (tools/vmap_leak.py)
 #   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused kernels (keras_dpsgd.kernels: Gram norm,
 #                                         # book-keeping sum) alone, then ViT-B/16 ghost with and without them
 # (Run C in BENCHMARKS.md used an earlier form of `scaling`: see git history of this file.)
@@ -104,18 +103,12 @@ RUNS
         --json "$out/$model.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror"
     done
     ;;
-  batched)
+  leak)
+    # (Run N in BENCHMARKS.md also ran a batched, not vmapped, ghost forward
+    # against the vmapped one on BERT-base and ResNet-18-GN; it was no faster
+    # and was removed: `batched` in 6c7de33.)
     export CUDA_VISIBLE_DEVICES=0
     python3 tools/vmap_leak.py 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$out/vmap_leak.txt"
-    common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 200 --log "$out/bench.log")
-    for mb in bert_base:32 resnet18_gn:256; do
-      IFS=: read -r model batch <<<"$mb"
-      python3 tools/bench.py --models "$model" --batch "$batch" --only keras,keras_dpsgd "${common[@]}" \
-        --json "$out/${model}_batched.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror"
-      python3 tools/bench.py --models "$model" --batch "$batch" --only keras_dpsgd "${common[@]}" \
-        --ghost-set BATCHED_FORWARD=False --json "$out/${model}_vmapped.json" 2>&1 \
-        | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror"
-    done
     ;;
   gramkernel)
     # First the norm forms alone (a minute), then the ViT step with the XLA
