@@ -206,3 +206,21 @@ def test_bench_tiny_torch_models_run(tmp_path):
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["examples_per_s"] > 0, r
+
+
+def test_vmap_leak_reports_each_case_on_this_device():
+    """tools/vmap_leak.py: example 1's NaN always reaches its own kernel
+    gradient; on XLA:CPU grouped convolutions with several channels per group
+    also reach every other example (the reason for
+    ghost.unisolated_vmap_weights), the others stay isolated."""
+    import jax
+
+    from tools import vmap_leak
+
+    assert vmap_leak.nonfinite_rows(4, 4, 1) == [1]
+    assert vmap_leak.nonfinite_rows(2, 2, 2) == [1]
+    for c_in, c_out in ((4, 4), (2, 4)):
+        rows = vmap_leak.nonfinite_rows(c_in, c_out, 2)
+        assert 1 in rows, (c_in, c_out, rows)
+        if jax.default_backend() == "cpu":
+            assert rows == [0, 1, 2, 3], (c_in, c_out, rows)
