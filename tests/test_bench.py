@@ -224,3 +224,30 @@ def test_vmap_leak_reports_each_case_on_this_device():
         assert 1 in rows, (c_in, c_out, rows)
         if jax.default_backend() == "cpu":
             assert rows == [0, 1, 2, 3], (c_in, c_out, rows)
+
+
+def test_profile_plot_stacks_scopes_per_trace(tmp_path):
+    """tools/profile_plot.py: one bar per trace of profile_summary JSON files,
+    labelled by the bench variant folder unless --labels says otherwise."""
+    pytest.importorskip("matplotlib")
+    from tools import profile_plot
+
+    trace = "/p/vit_b16_keras_dpsgd_ghost/plugins/profile/2026_01_01/perfetto_trace.json.gz"
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps([{"trace": "/p/vit_b16_keras/plugins/profile/x/t.json.gz", "ms_per_step": 5.0,
+                              "categories_ms_per_step": {"forward": 3.0, "backward": 2.0}},
+                             {"trace": trace, "ms_per_step": 7.0,
+                              "categories_ms_per_step": {"forward": 3.0, "dp_ghost_norms": 1.5,
+                                                         "dp_ghost_sums": 2.5}}]))
+    rows = profile_plot.load([str(a)])
+    assert [r[0] for r in rows] == ["vit_b16_keras", "vit_b16_keras_dpsgd_ghost"]
+    assert rows[1][1]["dp_ghost_sums"] == 2.5 and rows[1][2] == 7.0
+    png = tmp_path / "p.png"
+    assert profile_plot.main([str(a), "-o", str(png), "--labels", "np,dp"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        profile_plot.main([str(a), "-o", str(png), "--labels", "only-one"])
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(SystemExit):
+        profile_plot.load([str(empty)])
