@@ -617,6 +617,19 @@ def pipelined_rate(step, sync, batch, steps):
     return batch * steps / (time.perf_counter() - t0)
 
 
+def dispatch_ms(step, sync, steps):
+    """Median host time (ms) to dispatch one step onto an idle device (the
+    call returns before the device finishes): what a synchronized step
+    exposes as device idle time before its first kernel."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = step()
+        times.append(time.perf_counter() - t0)
+        sync(out)
+    return 1e3 * _quantile(times, 0.5)
+
+
 def step_record(variant, args, times, peak, extra=None):
     med = statistics.median(times)
     rec = {
@@ -712,11 +725,12 @@ def worker_keras(args, out):
 
     times = timed_loop(step, jax.block_until_ready, args.warmup, args.steps)
     pipelined = pipelined_rate(step, jax.block_until_ready, args.batch, args.steps)
+    dispatch = dispatch_ms(step, jax.block_until_ready, args.steps)
     peak = jax_peak_bytes(jax)
     memory = jax_memory(jax, args.batch, peak)
     jax_profile(jax, args, step, jax.block_until_ready, f"{args.model}_keras")
     out.append(step_record("keras", args, times, peak, {
-        "pipelined_examples_per_s": pipelined,
+        "pipelined_examples_per_s": pipelined, "dispatch_ms": dispatch,
         "memory": memory,
         "params": int(model.count_params()), "first_step_s": first_s,
         "compiles": counter.summary(), "device": jax_device(jax),
@@ -787,6 +801,7 @@ def worker_keras_dpsgd(args, out):
 
     times = timed_loop(step, jax.block_until_ready, args.warmup, args.steps)
     pipelined = pipelined_rate(step, jax.block_until_ready, args.batch, args.steps)
+    dispatch = dispatch_ms(step, jax.block_until_ready, args.steps)
     peak = jax_peak_bytes(jax)
     memory = jax_memory(jax, args.batch, peak)
     jax_profile(jax, args, step, jax.block_until_ready, f"{args.model}_keras_dpsgd_{args.dp_clipping}")
@@ -794,7 +809,7 @@ def worker_keras_dpsgd(args, out):
               "clipping": _clipping_kwargs(model, args).get("clipping", "vectorized (only mode)"),
               "versions": versions("jax", "jaxlib", "keras")}
     out.append(step_record("keras_dpsgd", args, times, peak, dict(
-        common, compiles=counter.summary(), pipelined_examples_per_s=pipelined,
+        common, compiles=counter.summary(), pipelined_examples_per_s=pipelined, dispatch_ms=dispatch,
         recompiled_for_direct_call=counter.count() != fit_compiles["train_step_compiles"])))
 
     # A physical batch that is not the last of its logical step: clip, sum,
@@ -1199,7 +1214,7 @@ def ratios(results):
 
 
 def fmt_table(results):
-    head = f"{'model':<12} {'variant':<20} {'mode':<14} {'ex/s':>9} {'ms/step':>9} {'peak GiB':>9} {'compiles':>9}  status"
+    head = f"{'model':<12} {'variant':<20} {'mode':<14} {'ex/s':>9} {'ms/step':>9} {'peak GiB':>9} {'compiles':>9} {'piped ex/s':>10} {'disp ms':>7}  status"
     lines = [head, "-" * len(head)]
     for r in results:
         comp = r.get("compiles") or {}
@@ -1207,13 +1222,15 @@ def fmt_table(results):
         eps = r.get("examples_per_s")
         ms = r.get("median_step_ms")
         peak = r.get("peak_gib")
+        piped, disp = r.get("pipelined_examples_per_s"), r.get("dispatch_ms")
         status = r.get("status", "?")
         if status != "ok" and r.get("error"):
             status += f": {r['error']}"
         lines.append(
             f"{r.get('model', ''):<12} {r['variant']:<20} {str(r.get('mode', ''))[:14]:<14} "
             f"{(f'{eps:.1f}' if eps else '-'):>9} {(f'{ms:.1f}' if ms else '-'):>9} "
-            f"{(f'{peak:.2f}' if peak else '-'):>9} {('-' if ncomp is None else str(ncomp)):>9}  {status}")
+            f"{(f'{peak:.2f}' if peak else '-'):>9} {('-' if ncomp is None else str(ncomp)):>9} "
+            f"{(f'{piped:.1f}' if piped else '-'):>10} {(f'{disp:.2f}' if disp else '-'):>7}  {status}")
     return "\n".join(lines)
 
 

@@ -95,12 +95,13 @@ RUNS
     export CUDA_VISIBLE_DEVICES=0
     deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
     common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 200 --log "$out/bench.log")
-    for mb in vit_b16:64:keras,keras_dpsgd,opacus_ghost bert_base:32:keras,keras_dpsgd,opacus_ghost \
-              resnet18_gn:256:keras,keras_dpsgd; do
+    # (RATIOS_RUNS, "model:batch:variants ...", replaces the default list.)
+    for mb in ${RATIOS_RUNS:-vit_b16:64:keras,keras_dpsgd,opacus_ghost bert_base:32:keras,keras_dpsgd,opacus_ghost \
+              resnet18_gn:256:keras,keras_dpsgd}; do
       IFS=: read -r model batch only <<<"$mb"
       if (( $(date +%s) > deadline )); then echo "deadline: skipped $model"; continue; fi
       python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" "${common[@]}" \
-        --json "$out/$model.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror"
+        --json "$out/$model.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror\|^model\|^-\|  ok"
     done
     ;;
   leak)
