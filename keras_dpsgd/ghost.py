@@ -77,6 +77,16 @@ SUM_KERNEL = "xla"
 # predicate would need an all-reduce) and for tests of the selecting path.
 FINITE_FAST_PATH = True
 
+# Under a mixed-precision policy the taps (layer inputs, output gradients) are
+# 16-bit floats. True: they enter the norm products (Gram form, materialized
+# a_i^T g_i) as they are, with float32 accumulation. That gives the same
+# numbers as casting them to float32 first (a product of two 16-bit floats is
+# exact in float32, also in TF32), at half the memory traffic and, on GPUs, at
+# the 16-bit matmul rate. The book-keeping sums always cast to float32: their
+# scaled operand c_i a_i must not be rounded to 16 bits (it would loosen the
+# clip bound). False casts the taps for the norms too (tests, A/B runs).
+HALF_PRECISION_NORM_PRODUCTS = True
+
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
 # at most this fraction of the trainable parameters.
 AUTO_MAX_FALLBACK_FRACTION = 0.25
@@ -170,15 +180,31 @@ def _gram_sq_norm(a, g):
     (Splitting T into blocks and forming only the upper-triangular block
     products of these symmetric Grams was 11 % slower per ViT-B/16 step on
     an H200 than one T x T product, BENCHMARKS.md, fourth session.)"""
-    aa = ops.einsum("bktd,bksd->bkts", a, a)
-    gg = ops.einsum("bkte,bkse->bkts", g, g)
+    aa = _product("bktd,bksd->bkts", a, a)
+    gg = _product("bkte,bkse->bkts", g, g)
     return ops.sum(aa * gg, axis=(1, 2, 3))
+
+
+def _product(spec, x, y):
+    """einsum accumulated in float32; 16-bit operands stay 16-bit
+    (HALF_PRECISION_NORM_PRODUCTS), others are cast to float32."""
+    if not HALF_PRECISION_NORM_PRODUCTS or x.dtype != y.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        x, y = _f32(x), _f32(y)
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
+def _taps(t):
+    """A tap for LinearGrad: 16-bit floats as they are (LinearGrad casts
+    where it needs float32), anything else as float32."""
+    return t if t.dtype in (jnp.bfloat16, jnp.float16) else _f32(t)
 
 
 class LinearGrad:
     """Per-example gradient a_i^T g_i (per group) of a dense-like weight.
 
-    A: (B, groups, T, d_in), G: (B, groups, T, d_out), float32.
+    A: (B, groups, T, d_in), G: (B, groups, T, d_out), float32 or (under a
+    mixed-precision policy) 16-bit floats: the norm products accumulate in
+    float32 (`_product`), the sums cast to float32 first.
     `to_weight` maps (shards, groups, d_in, d_out) sums to (shards, *weight_shape).
     The norm uses the Gram form, or forms a_i^T g_i when that is cheaper
     (then reused for the sum); otherwise the sum is one weighted matmul.
@@ -194,16 +220,18 @@ class LinearGrad:
         a, g = self.a, self.g
         t, d_in, d_out = a.shape[2], a.shape[3], g.shape[3]
         if t == 1:
+            a, g = _f32(a), _f32(g)
             return ops.sum(ops.sum(ops.square(a), axis=(2, 3)) * ops.sum(ops.square(g), axis=(2, 3)), axis=1)
         if _use_gram(t, d_in, d_out):
             if _fused_gram(t, d_in, d_out):
                 b, k = a.shape[0], a.shape[1]
+                a, g = _f32(a), _f32(g)
                 sq = _fused_gram_norm(ops.reshape(a, (b * k, t, d_in)), ops.reshape(g, (b * k, t, d_out)))
                 return ops.sum(ops.reshape(sq, (b, k)), axis=1)
             return _gram_sq_norm(a, g)
         # Cheaper to form a_i^T g_i (small next to the activations); it is
         # then reused for the sum.
-        self.materialized = ops.einsum("bktd,bkte->bkde", a, g)
+        self.materialized = _product("bktd,bkte->bkde", a, g)
         return ops.sum(ops.square(self.materialized), axis=(1, 2, 3))
 
     def clipped_sum(self, factors, keep, shards, finite=False):
@@ -222,9 +250,9 @@ class LinearGrad:
             from keras_dpsgd import kernels
 
             if kernels.sum_supported(self.a.shape[3], self.g.shape[3]):
-                s = _fused_clipped_sum(self.a[:, 0], self.g[:, 0], factors, keep)
+                s = _fused_clipped_sum(_f32(self.a[:, 0]), _f32(self.g[:, 0]), factors, keep)
                 return self.to_weight(ops.expand_dims(s, 1))
-        a, g = self.a, self.g
+        a, g = _f32(self.a), _f32(self.g)
         c = _expand(factors, 4)
         if not finite:
             a, g = _select(a, keep), _select(g * c, keep)
@@ -386,8 +414,8 @@ class DenseRule(GhostRule):
         d_in, d_out = layer._kernel.shape
         out = {}
         if "kernel" in roles:
-            a = ops.concatenate([ops.reshape(_f32(a), (a.shape[0], 1, -1, d_in)) for a, _ in calls], axis=2)
-            g = ops.concatenate([ops.reshape(_f32(g), (g.shape[0], 1, -1, d_out)) for _, g in calls], axis=2)
+            a = ops.concatenate([ops.reshape(_taps(a), (a.shape[0], 1, -1, d_in)) for a, _ in calls], axis=2)
+            g = ops.concatenate([ops.reshape(_taps(g), (g.shape[0], 1, -1, d_out)) for _, g in calls], axis=2)
             out["kernel"] = LinearGrad(a, g, lambda s: ops.reshape(s, (-1, d_in, d_out)))
         if "bias" in roles:
             out["bias"] = PerExampleGrad(_sum_calls(
@@ -438,8 +466,8 @@ class EinsumDenseRule(GhostRule):
                 pos = "".join(c for c in lhs if c in outp and c not in kernel)
                 k_in = "".join(c for c in lhs if c in kernel)
                 k_out = "".join(c for c in kernel if c in outp)
-                a = ops.einsum(f"{ex}{lhs}->{ex}{pos}{k_in}", _f32(a))
-                g = ops.einsum(f"{ex}{outp}->{ex}{pos}{k_out}", _f32(g))
+                a = ops.einsum(f"{ex}{lhs}->{ex}{pos}{k_in}", _taps(a))
+                g = ops.einsum(f"{ex}{outp}->{ex}{pos}{k_out}", _taps(g))
                 sizes = dict(zip(kernel, kshape))
                 d_in = math.prod(sizes[c] for c in k_in)
                 d_out = math.prod(sizes[c] for c in k_out)
@@ -462,7 +490,7 @@ class ConvGrad:
     strides, padding, dilation, groups).
 
     `calls` holds, per call, the input (B, n, *spatial, C_in) and the output
-    gradient (B, n, *out_spatial, F), float32, channels last, causal padding
+    gradient (B, n, *out_spatial, F), float32 or 16-bit (`_taps`), channels last, causal padding
     already applied. Per group the kernel is a dense layer on patches:
     d_in = prod(kernel_size) * C_in / groups, d_out = F / groups, T = output
     positions (summed over calls). Norms and sum are `LinearGrad`'s on the
@@ -557,14 +585,14 @@ class ConvRule(GhostRule):
         filters = layer.kernel.shape[-1]
         prepared, bias = [], []
         for a, g in calls:
-            a, g = _f32(a), _f32(g)
+            a, g = _taps(a), _taps(g)
             if layer.data_format == "channels_first":
                 a, g = ops.moveaxis(a, 2, -1), ops.moveaxis(g, 2, -1)
             if layer.padding == "causal":
                 left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
                 a = ops.pad(a, [[0, 0], [0, 0], [left, 0], [0, 0]])
             prepared.append((a, g))
-            bias.append(ops.sum(ops.reshape(g, (g.shape[0], -1, filters)), axis=1))
+            bias.append(ops.sum(ops.reshape(_f32(g), (g.shape[0], -1, filters)), axis=1))
         out = {}
         if "kernel" in roles:
             out["kernel"] = ConvGrad(layer, prepared)

@@ -542,6 +542,43 @@ def test_bf16_policy_relaxed_tolerance():
         np.testing.assert_allclose(g, v, rtol=5e-2, atol=1e-2 * scale, err_msg=var.path)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_taps_norm_products_exact_in_float32(dtype, norm_method, monkeypatch):
+    """16-bit taps enter the norm products as they are, accumulated in
+    float32: the same numbers as casting them to float32 first (every
+    product of two 16-bit floats is exact in float32), and the sums, whose
+    scaled operand must not be rounded to 16 bits, are float32."""
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.normal(size=(3, 2, 7, 5)), dtype)
+    g = jnp.asarray(rng.normal(size=(3, 2, 7, 6)), dtype)
+    want = np.einsum("bktd,bkte->bkde", np.asarray(a, np.float64), np.asarray(g, np.float64))
+    factors = jnp.asarray([0.3, 1.0, 0.7], "float32")
+    keep = jnp.asarray([True, True, True])
+    got = {}
+    for half in (True, False):
+        monkeypatch.setattr(ghost, "HALF_PRECISION_NORM_PRODUCTS", half)
+
+        def run(a, g):
+            rep = ghost.LinearGrad(a, g, lambda s: s)
+            return rep.sq_norm(), rep.clipped_sum(factors, keep, 1, finite=True)
+
+        got[half] = jax.jit(run)(a, g)
+        dots = [e for e in jax.make_jaxpr(run)(a, g).eqns if e.primitive.name == "dot_general"]
+        operand_dtypes = {str(v.aval.dtype) for e in dots for v in e.invars}
+        if half:
+            # The norm products read the 16-bit taps; the sum reads float32.
+            assert operand_dtypes == {dtype, "float32"}, operand_dtypes
+        else:
+            assert operand_dtypes == {"float32"}, operand_dtypes
+        sq, s = got[half]
+        assert sq.dtype == jnp.float32 and s.dtype == jnp.float32
+        np.testing.assert_allclose(sq, np.sum(want ** 2, axis=(1, 2, 3)), rtol=1e-5)
+        np.testing.assert_allclose(s[0], np.einsum("b,bkde->kde", np.asarray(factors, np.float64), want),
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[True][0], got[False][0], rtol=1e-6)
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
 # ------------------------------------------------------------- fit
 
 
