@@ -75,6 +75,13 @@ SUM_KERNEL = "xla"
 # then finite, so they add exactly 0). One on-device branch (lax.cond) on all(isfinite(norms)) picks this path
 # or the selecting one; both are compiled. Off under data parallelism (the
 # predicate would need an all-reduce) and for tests of the selecting path.
+# Also off when every such layer's taps are 16-bit (mixed precision): the sums
+# cast them to float32 anyway and the selects fuse into those casts (materialized
+# per-example gradients excepted), so the fast path saves little, while XLA:GPU runs a conditional outside CUDA
+# graphs by copying the predicate to the host and blocking the host until the
+# GPU reaches it (ConditionalThunk). On an H200 that cost ResNet-18-GN
+# (mixed_bfloat16, batch 256) 18 % of its synchronized step rate and 28 % of
+# its pipelined one (BENCHMARKS.md, sixth session).
 FINITE_FAST_PATH = True
 
 # Under a mixed-precision policy the taps (layer inputs, output gradients) are
@@ -188,15 +195,19 @@ def _gram_sq_norm(a, g):
 def _product(spec, x, y):
     """einsum accumulated in float32; 16-bit operands stay 16-bit
     (HALF_PRECISION_NORM_PRODUCTS), others are cast to float32."""
-    if not HALF_PRECISION_NORM_PRODUCTS or x.dtype != y.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+    if not HALF_PRECISION_NORM_PRODUCTS or x.dtype != y.dtype or not _is_half(x):
         x, y = _f32(x), _f32(y)
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
+def _is_half(t):
+    return t.dtype in (jnp.bfloat16, jnp.float16)
 
 
 def _taps(t):
     """A tap for LinearGrad: 16-bit floats as they are (LinearGrad casts
     where it needs float32), anything else as float32."""
-    return t if t.dtype in (jnp.bfloat16, jnp.float16) else _f32(t)
+    return t if _is_half(t) else _f32(t)
 
 
 class LinearGrad:
@@ -215,6 +226,12 @@ class LinearGrad:
     def __init__(self, a, g, to_weight):
         self.a, self.g, self.to_weight = a, g, to_weight
         self.materialized = None
+
+    @property
+    def half_taps(self):
+        """Both operands 16-bit: the selecting sum costs what the finite fast
+        path costs (see FINITE_FAST_PATH)."""
+        return _is_half(self.a) and _is_half(self.g)
 
     def sq_norm(self):
         a, g = self.a, self.g
@@ -539,6 +556,10 @@ class ConvGrad:
             limit = (a.shape[0],) + tuple(b + (m - 1) * s + 1 for b, m, s in zip(begin[1:], out, st)) + (a.shape[-1],)
             slices.append(jax.lax.slice(a, begin, limit, (1,) + st + (1,)))
         return jnp.stack(slices, axis=-2)
+
+    @property
+    def half_taps(self):
+        return all(_is_half(a) and _is_half(g) for a, g in self.calls)
 
     def _to_kernel(self, s):
         """(shards, groups, K * C_g, F_g) -> (shards, *kernel_size, C_g, groups * F_g)."""
@@ -1167,7 +1188,9 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
         def linear_sums(finite):
             return [ops.cast(reps[p].clipped_sum(factors, keep, shards, finite=finite), "float32") for p in linear]
 
-        if linear and FINITE_FAST_PATH and shards == 1 and not _use_kernel(SUM_KERNEL, "SUM_KERNEL"):
+        fast = (FINITE_FAST_PATH and shards == 1 and not _use_kernel(SUM_KERNEL, "SUM_KERNEL")
+                and not all(reps[p].half_taps for p in linear))
+        if linear and fast:
             # Every norm finite (the usual case): no selects. Otherwise the
             # selecting path drops the non-finite rows exactly (I4). (The
             # fused sum kernel selects in registers: no branch for it.)

@@ -579,6 +579,30 @@ def test_16bit_taps_norm_products_exact_in_float32(dtype, norm_method, monkeypat
     np.testing.assert_array_equal(got[True][1], got[False][1])
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_finite_fast_path_branch_only_for_float32_taps(policy):
+    """The book-keeping sums branch (lax.cond) to the select-free path only
+    where it saves a pass: with 16-bit taps the selects fuse into the casts
+    to float32, and the branch would only cost a host round trip on GPUs."""
+    rng = _rng(9)
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = _branches([(5, 4), (6, 6, 2)], [lambda i: layers.Dense(6)(i),
+                                                  lambda i: layers.Conv2D(3, 3)(i)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = [rng.normal(size=(4, 5, 4)).astype("float32"), rng.normal(size=(4, 6, 6, 2)).astype("float32")]
+    y = rng.normal(size=(4, 2)).astype("float32")
+    tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+    mv, ov = [v.value for v in model.metrics_variables], [v.value for v in model.optimizer.variables]
+
+    def run(x, y):
+        return ghost.clipped_sums(model, tv, ntv, mv, ov, x, y, None, jnp.ones((4,), bool), 1.0).sums
+
+    prims = {e.primitive.name for e in jax.make_jaxpr(run)(x, y).eqns}
+    assert ("cond" in prims) == (policy == "float32"), sorted(prims)
+
+
 # ------------------------------------------------------------- fit
 
 
