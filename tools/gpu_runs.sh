@@ -9,6 +9,10 @@
 #   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ViT-B/16 ghost with the finite fast path of the
 #                                         # book-keeping sums on and off
 #   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
+#   bash tools/gpu_runs.sh bf16 OUT       # issue 5 under mixed_bfloat16: ViT-B/16, BERT-base (16-bit norm
+#                                         # products on and off), ResNet-18-GN (BENCHMARKS.md, sixth session,
+#                                         # runs T, U; run V's fast-path A/B needs tree bedf25b: since then
+#                                         # 16-bit taps never take the branch)
 #   bash tools/gpu_runs.sh leak OUT       # whether vmap mixes examples in grouped-conv kernel gradients
 #                                         # on the GPU (tools/vmap_leak.py)
 #   bash tools/gpu_runs.sh gramkernel OUT # issue 5: the fused kernels (keras_dpsgd.kernels: Gram norm,
@@ -103,6 +107,23 @@ RUNS
       python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" "${common[@]}" \
         --json "$out/$model.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "ex/s\|/ \|rror\|^model\|^-\|  ok"
     done
+    ;;
+  bf16)
+    # One process per row; a row not started before DEADLINE_S seconds is skipped.
+    export CUDA_VISIBLE_DEVICES=0
+    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
+    common=(--precision bf16 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 250 --log "$out/bench.log")
+    while read -r name model batch only set; do
+      if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
+      python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" ${set:+--ghost-set "$set"} \
+        "${common[@]}" --json "$out/$name.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
+    done <<'RUNS'
+vit vit_b16 64 keras,keras_dpsgd
+vit_f32norms vit_b16 64 keras_dpsgd HALF_PRECISION_NORM_PRODUCTS=False
+resnet resnet18_gn 256 keras,keras_dpsgd
+bert bert_base 32 keras,keras_dpsgd
+bert_f32norms bert_base 32 keras_dpsgd HALF_PRECISION_NORM_PRODUCTS=False
+RUNS
     ;;
   leak)
     # (Run N in BENCHMARKS.md also ran a batched, not vmapped, ghost forward
