@@ -6,8 +6,8 @@
 #                                         # a trace of each and device busy time vs. wall time
 #   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
 #                                         # (BENCHMARKS.md), to check that it fits
-#   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ViT-B/16 ghost with the finite fast path of the
-#                                         # book-keeping sums on and off
+#   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ResNet-18-GN, ViT-B/16 ghost: the sums' finite fast path
+#                                         # (a branch), plain selects, and the scatter of zero rows
 #   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
 #   bash tools/gpu_runs.sh bf16 OUT       # issue 5 under mixed_bfloat16: ViT-B/16, BERT-base (16-bit norm
 #                                         # products on and off), ResNet-18-GN (BENCHMARKS.md, sixth session,
@@ -81,16 +81,30 @@ RUNS
 )}"
     ;;
   sumpath)
-    # The book-keeping sums' finite fast path (ghost.FINITE_FAST_PATH) on and
-    # off, against non-private Keras, one process per configuration. (Run J
-    # in BENCHMARKS.md also tried a blocked Gram form, since removed: see the
-    # git history of this file.)
+    # The three ways the book-keeping sums drop non-finite rows, tf32, each
+    # against non-private Keras, one process per configuration, cheapest
+    # compiles first; a row not started before DEADLINE_S seconds is skipped:
+    # the finite fast path (a lax.cond: the host waits for the GPU at it),
+    # the plain selects (FINITE_FAST_PATH=False), and the branch-free scatter
+    # of zero rows (SCATTER_ZERO_ROWS=True). Compare pipelined ex/s and
+    # dispatch ms. (Runs J and Q in BENCHMARKS.md ran ViT's first two; run J
+    # also a blocked Gram form, since removed: see git history.)
     export CUDA_VISIBLE_DEVICES=0
-    common=(--models vit_b16 --batch 64 --precision tf32 --steps 20 --warmup 3 --dp-clipping ghost
-            --variant-timeout 240 --log "$out/bench.log")
-    python3 tools/bench.py --only keras,keras_dpsgd "${common[@]}" --json "$out/vit_new.json"
-    python3 tools/bench.py --only keras_dpsgd --ghost-set FINITE_FAST_PATH=False "${common[@]}" \
-      --json "$out/vit_select.json"
+    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
+    common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log")
+    while read -r name model batch only set; do
+      if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
+      python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" ${set:+--ghost-set "$set"} \
+        "${common[@]}" --json "$out/$name.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
+    done <<<"${SUMPATH_RUNS:-$(cat <<'RUNS'
+resnet_branch resnet18_gn 256 keras,keras_dpsgd
+resnet_select resnet18_gn 256 keras_dpsgd FINITE_FAST_PATH=False
+resnet_scatter resnet18_gn 256 keras_dpsgd SCATTER_ZERO_ROWS=True
+vit_branch vit_b16 64 keras,keras_dpsgd
+vit_select vit_b16 64 keras_dpsgd FINITE_FAST_PATH=False
+vit_scatter vit_b16 64 keras_dpsgd SCATTER_ZERO_ROWS=True
+RUNS
+)}"
     ;;
   ratios)
     # Issue 5's ratios without the profiles of `ghost`: ViT-B/16, BERT-base,
