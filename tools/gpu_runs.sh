@@ -28,6 +28,19 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
 
+# Rows "name model batch variants [NAME=VALUE]" on stdin: one bench.py
+# process per row (GPU 0, flags "${common[@]}", the ghost setting if given),
+# JSON to $out/name.json; a row not started before DEADLINE_S is skipped.
+bench_rows() {
+  local deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} )) name model batch only set
+  while read -r name model batch only set; do
+    if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" \
+      ${set:+--ghost-set "$set"} "${common[@]}" --json "$out/$name.json" 2>&1 \
+      | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
+  done
+}
+
 case "$what" in
   ghost)
     export CUDA_VISIBLE_DEVICES=0
@@ -89,14 +102,8 @@ RUNS
     # of zero rows (SCATTER_ZERO_ROWS=True). Compare pipelined ex/s and
     # dispatch ms. (Runs J and Q in BENCHMARKS.md ran ViT's first two; run J
     # also a blocked Gram form, since removed: see git history.)
-    export CUDA_VISIBLE_DEVICES=0
-    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
     common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log")
-    while read -r name model batch only set; do
-      if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
-      python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" ${set:+--ghost-set "$set"} \
-        "${common[@]}" --json "$out/$name.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
-    done <<<"${SUMPATH_RUNS:-$(cat <<'RUNS'
+    bench_rows <<<"${SUMPATH_RUNS:-$(cat <<'RUNS'
 resnet_branch resnet18_gn 256 keras,keras_dpsgd
 resnet_select resnet18_gn 256 keras_dpsgd FINITE_FAST_PATH=False
 resnet_scatter resnet18_gn 256 keras_dpsgd SCATTER_ZERO_ROWS=True
@@ -123,15 +130,8 @@ RUNS
     done
     ;;
   bf16)
-    # One process per row; a row not started before DEADLINE_S seconds is skipped.
-    export CUDA_VISIBLE_DEVICES=0
-    deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} ))
     common=(--precision bf16 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 250 --log "$out/bench.log")
-    while read -r name model batch only set; do
-      if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
-      python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" ${set:+--ghost-set "$set"} \
-        "${common[@]}" --json "$out/$name.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
-    done <<'RUNS'
+    bench_rows <<'RUNS'
 vit vit_b16 64 keras,keras_dpsgd
 vit_f32norms vit_b16 64 keras_dpsgd HALF_PRECISION_NORM_PRODUCTS=False
 resnet resnet18_gn 256 keras,keras_dpsgd
