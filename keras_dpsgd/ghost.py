@@ -684,20 +684,20 @@ class TiedEmbeddingGrad:
         self.h, self.g_logits = h, g_logits   # (B, T2, D), (B, T2, V)
 
     def sq_norm(self):
-        h, g = self.h, self.g_logits
-        hh = ops.einsum("btd,bsd->bts", h, h)
-        gg = ops.einsum("btv,bsv->bts", g, g)
+        h, g = self.h, self.g_logits  # float32 or 16-bit (`_taps`)
+        hh = _product("btd,bsd->bts", h, h)
+        gg = _product("btv,bsv->bts", g, g)
         out = ops.sum(hh * gg, axis=(1, 2))
         if self.lookup is not None:
             out = out + self.lookup.sq_norm()
-            picked = jnp.take_along_axis(g, self.lookup.ids[:, None, :], axis=2)  # (B, T2, T1): G[s, id_t]
-            dots = ops.einsum("bsd,btd->bst", h, self.lookup.g)
+            picked = _f32(jnp.take_along_axis(g, self.lookup.ids[:, None, :], axis=2))  # (B, T2, T1): G[s, id_t]
+            dots = _product("bsd,btd->bst", h, self.lookup.g)
             out = out + 2.0 * ops.sum(picked * dots, axis=(1, 2))
         return out
 
     def clipped_sum(self, factors, keep, shards):
-        g = _shard(_select(self.g_logits * _expand(factors, 3), keep), shards)
-        h = _shard(_select(self.h, keep), shards)
+        g = _shard(_select(_f32(self.g_logits) * _expand(factors, 3), keep), shards)
+        h = _shard(_select(_f32(self.h), keep), shards)
         out = ops.einsum("nbsv,nbsd->nvd", g, h)
         if self.lookup is not None:
             out = out + self.lookup.clipped_sum(factors, keep, shards)
@@ -736,8 +736,8 @@ class ReversibleEmbeddingRule(GhostRule):
             lookup = EmbeddingRule().prepare(layer, lookups, ("embeddings",))["embeddings"]
         h = g_logits = None
         if reverses:
-            h = ops.concatenate([ops.reshape(_f32(a), (a.shape[0], -1, d)) for a, _ in reverses], axis=1)
-            g_logits = ops.concatenate([ops.reshape(_f32(g), (g.shape[0], -1, vocab)) for _, g in reverses], axis=1)
+            h = ops.concatenate([ops.reshape(_taps(a), (a.shape[0], -1, d)) for a, _ in reverses], axis=1)
+            g_logits = ops.concatenate([ops.reshape(_taps(g), (g.shape[0], -1, vocab)) for _, g in reverses], axis=1)
         out = {}
         if layer.tie_weights:
             if "embeddings" in roles:

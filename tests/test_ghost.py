@@ -615,6 +615,42 @@ def test_scatter_zero_rows_path_drops_nonfinite_rows_without_a_branch(norm_metho
     assert "cond" not in prims and "scatter" in prims, sorted(prims)
 
 
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_bf16_reversible_embedding_16bit_products(tie_weights, monkeypatch):
+    """Under mixed_bfloat16 the reverse projection's taps (h, logit
+    gradients) enter the norm products as 16-bit floats: the same norms and
+    sums as casting them first, and close to the vectorized path."""
+    rng = _rng(10)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model, _ = _reversible_model(tie_weights)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = rng.integers(0, 5, size=(5, 6)).astype("int32")
+    y = rng.normal(size=(5, 2)).astype("float32")
+    tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+    mv, ov = [v.value for v in model.metrics_variables], [v.value for v in model.optimizer.variables]
+
+    def logit_gram_operands():
+        """dtypes of the norm products' operands shaped like the logit
+        gradients (..., T, V)."""
+        jaxpr = jax.make_jaxpr(lambda x, y: ghost.clipped_sums(
+            model, tv, ntv, mv, ov, x, y, None, jnp.ones((5,), bool), 0.2).sq_norms)(x, y)
+        return {str(v.aval.dtype) for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                and "dp_ghost_norms" in str(e.source_info.name_stack)
+                for v in e.invars if v.aval.shape[-2:] == (6, 5)}
+
+    assert logit_gram_operands() == {"bfloat16"}
+    vec, half = _both(model, x, y, clip=0.2)
+    monkeypatch.setattr(ghost, "HALF_PRECISION_NORM_PRODUCTS", False)
+    assert logit_gram_operands() == {"float32"}
+    _, cast = _both(model, x, y, clip=0.2)
+    np.testing.assert_allclose(half["sq"], cast["sq"], rtol=1e-5)
+    np.testing.assert_allclose(half["sq"], vec["sq"], rtol=3e-2)
+    for var, a, b in zip(model.trainable_variables, half["sums"], cast["sums"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.path)
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_finite_fast_path_branch_only_for_float32_taps(policy):
     """The book-keeping sums branch (lax.cond) to the select-free path only
