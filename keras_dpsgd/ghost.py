@@ -76,12 +76,13 @@ SUM_KERNEL = "xla"
 # or the selecting one; both are compiled. Off under data parallelism (the
 # predicate would need an all-reduce) and for tests of the selecting path.
 # Also off when every such layer's taps are 16-bit (mixed precision): the sums
-# cast them to float32 anyway and the selects fuse into those casts (materialized
-# per-example gradients excepted), so the fast path saves little, while XLA:GPU runs a conditional outside CUDA
-# graphs by copying the predicate to the host and blocking the host until the
-# GPU reaches it (ConditionalThunk). On an H200 that cost ResNet-18-GN
-# (mixed_bfloat16, batch 256) 18 % of its synchronized step rate and 28 % of
-# its pipelined one (BENCHMARKS.md, sixth session).
+# cast them to float32 anyway and the selects fuse into those casts
+# (materialized per-example gradients excepted), so the fast path saves
+# little, while XLA:GPU runs a conditional outside CUDA graphs by copying the
+# predicate to the host and blocking the host until the GPU reaches it
+# (ConditionalThunk). On an H200, ResNet-18-GN (mixed_bfloat16, batch 256)
+# ran 22 % faster synchronized and 38 % faster pipelined without the branch
+# (BENCHMARKS.md, sixth session, run V).
 FINITE_FAST_PATH = True
 
 # Under a mixed-precision policy the taps (layer inputs, output gradients) are
