@@ -615,6 +615,31 @@ def test_scatter_zero_rows_path_drops_nonfinite_rows_without_a_branch(norm_metho
     assert "cond" not in prims and "scatter" in prims, sorted(prims)
 
 
+def test_bf16_policy_drops_nonfinite_rows_without_the_branch():
+    """I4 under mixed_bfloat16, where the sums never take the finite fast
+    path's branch: a real row with a NaN gradient (dropped, counted) and a
+    padded NaN row add exactly 0 to every sum, dense-on-sequence and
+    convolution layers alike. Reference: the vectorized path with that row's
+    weight 0 instead."""
+    rng = _rng(11)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = _branches([(5, 4), (6, 6, 2)], [lambda i: layers.Dense(6)(i),
+                                                  lambda i: layers.Conv2D(3, 3, padding="same")(i)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = [rng.normal(size=(4, 5, 4)).astype("float32"), rng.normal(size=(4, 6, 6, 2)).astype("float32")]
+    y = rng.normal(size=(4, 2)).astype("float32")
+    mask = [True, True, True, False]
+    _, gh = _both(model, x, y, sw=np.array([1.0, np.nan, 1.0, np.nan], "float32"), mask=mask, clip=0.5)
+    vec, _ = _both(model, x, y, sw=np.array([1.0, 0.0, 1.0, 1.0], "float32"), mask=mask, clip=0.5)
+    assert list(gh["keep"]) == [True, False, True, False] and int(gh["nonfinite"]) == 1
+    scale = max(np.abs(v).max() for v in vec["sums"])
+    for var, v, g in zip(model.trainable_variables, vec["sums"], gh["sums"]):
+        assert np.all(np.isfinite(g)), var.path
+        np.testing.assert_allclose(g, v, rtol=5e-2, atol=1e-2 * scale, err_msg=var.path)
+
+
 @pytest.mark.parametrize("tie_weights", [True, False])
 def test_bf16_reversible_embedding_16bit_products(tie_weights, monkeypatch):
     """Under mixed_bfloat16 the reverse projection's taps (h, logit
