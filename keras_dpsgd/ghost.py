@@ -82,7 +82,10 @@ SUM_KERNEL = "xla"
 # predicate to the host and blocking the host until the GPU reaches it
 # (ConditionalThunk). On an H200, ResNet-18-GN (mixed_bfloat16, batch 256)
 # ran 22 % faster synchronized and 38 % faster pipelined without the branch
-# (BENCHMARKS.md, sixth session, run V).
+# (BENCHMARKS.md, sixth session, run V). In float32 (TF32) the branch pays:
+# ViT-B/16 3.5 % faster than the plain selects, ResNet-18-GN the same, and a
+# branch-free variant (scale-and-select one operand, scatter zeros into the
+# other's dropped rows) was slower than both (seventh session, run W).
 FINITE_FAST_PATH = True
 
 # Under a mixed-precision policy the taps (layer inputs, output gradients) are
@@ -94,14 +97,6 @@ FINITE_FAST_PATH = True
 # scaled operand c_i a_i must not be rounded to 16 bits (it would loosen the
 # clip bound). False casts the taps for the norms too (tests, A/B runs).
 HALF_PRECISION_NORM_PRODUCTS = True
-
-# Experimental, off until measured on a GPU: a branch-free selecting path as
-# cheap as the fast path. The scaled operand's select fuses into its scaling
-# (one pass, as in the fast path); the other operand's dropped rows are zeroed
-# by a scatter that writes only those rows (XLA can run it in place: no full
-# pass). With it the sums never branch (no FINITE_FAST_PATH cond). One device
-# only (shards == 1); data parallelism keeps the plain selects.
-SCATTER_ZERO_ROWS = False
 
 # clipping="auto" picks ghost when the fallback (per-example gradients) holds
 # at most this fraction of the trainable parameters.
@@ -125,16 +120,6 @@ def _expand(v, ndim):
 def _select(t, keep):
     """where(keep_i, t_i, 0): a dropped row is exactly zero even if NaN (I4)."""
     return ops.where(_expand(keep, len(t.shape)), t, ops.zeros_like(t))
-
-
-def _zero_rows(t, keep):
-    """t with the rows i where keep_i is False set to exactly 0 (NaN too), as a
-    scatter of zeros into those rows only (SCATTER_ZERO_ROWS). Kept rows get
-    distinct out-of-range indices, which mode="drop" skips."""
-    b = t.shape[0]
-    r = jnp.arange(b)
-    idx = jnp.where(keep, b + r, r)
-    return t.at[idx].set(0, mode="drop", unique_indices=True)
 
 
 def _shard(t, shards):
@@ -275,11 +260,9 @@ class LinearGrad:
         caller checked that every row's norm, hence every row of a and g, is
         finite) the selects are left out and only the smaller operand is
         scaled: dropped rows have c_i = 0 and add exactly 0."""
-        scatter = SCATTER_ZERO_ROWS and shards == 1 and not finite
         if self.materialized is not None:
-            if finite or scatter:
-                m = _zero_rows(self.materialized, keep) if scatter else self.materialized
-                s = ops.einsum("nb,nbkde->nkde", _shard(factors, shards), _shard(m, shards))
+            if finite:
+                s = ops.einsum("nb,nbkde->nkde", _shard(factors, shards), _shard(self.materialized, shards))
             else:
                 s = clipping.weighted_sum([self.materialized], factors, keep, shards)[0]
             return self.to_weight(s)
@@ -291,14 +274,7 @@ class LinearGrad:
                 return self.to_weight(ops.expand_dims(s, 1))
         a, g = _f32(self.a), _f32(self.g)
         c = _expand(factors, 4)
-        if scatter:
-            # Scale-and-select the smaller operand (one pass); zero the other's
-            # dropped rows in place.
-            if math.prod(a.shape[2:]) <= math.prod(g.shape[2:]):
-                a, g = _select(a * c, keep), _zero_rows(g, keep)
-            else:
-                a, g = _zero_rows(a, keep), _select(g * c, keep)
-        elif not finite:
+        if not finite:
             a, g = _select(a, keep), _select(g * c, keep)
         elif math.prod(a.shape[2:]) <= math.prod(g.shape[2:]):
             a = a * c
@@ -1216,7 +1192,7 @@ def clipped_sums(model, trainable, non_trainable, metrics_vars, optimizer_vars,
             return [ops.cast(reps[p].clipped_sum(factors, keep, shards, finite=finite), "float32") for p in linear]
 
         fast = (FINITE_FAST_PATH and shards == 1 and not _use_kernel(SUM_KERNEL, "SUM_KERNEL")
-                and not SCATTER_ZERO_ROWS and not all(reps[p].half_taps for p in linear))
+                and not all(reps[p].half_taps for p in linear))
         if linear and fast:
             # Every norm finite (the usual case): no selects. Otherwise the
             # selecting path drops the non-finite rows exactly (I4). (The

@@ -579,42 +579,6 @@ def test_16bit_taps_norm_products_exact_in_float32(dtype, norm_method, monkeypat
     np.testing.assert_array_equal(got[True][1], got[False][1])
 
 
-def test_scatter_zero_rows_path_drops_nonfinite_rows_without_a_branch(norm_method, monkeypatch):
-    """SCATTER_ZERO_ROWS (experimental): the sums select the scaled operand
-    and zero the other's dropped rows by a scatter, with no branch. I4 holds:
-    NaN rows (real and padded) add exactly 0, on dense, attention and
-    convolution layers, in both norm forms."""
-    monkeypatch.setattr(ghost, "SCATTER_ZERO_ROWS", True)
-    rng = _rng(6)
-    ids, out = _transformer()
-    model = _compiled(ids, out, loss=_sparse_ce())
-    x = rng.integers(0, 11, size=(8, 6)).astype("int32")
-    y = rng.integers(0, 3, size=(8,)).astype("int32")
-    sw = np.ones((8,), "float32")
-    sw[2] = sw[6] = np.nan  # a real and a padded row whose gradients are NaN
-    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
-    _, gh = _assert_match(model, x, y, mask=mask, sw=sw, clip=0.2)
-    assert list(gh["keep"]) == [True, True, False, True, True, True, False, False]
-    assert int(gh["nonfinite"]) == 1
-
-    conv = _branches([s for _, s in CONVS], [lambda i, m=m: m()(i) for m, _ in CONVS])
-    xc = [rng.normal(size=(4,) + s).astype("float32") for _, s in CONVS]
-    yc = rng.normal(size=(4, 2)).astype("float32")
-    mask = [True, True, True, False]
-    _, gh = _both(conv, xc, yc, sw=np.array([1.0, np.nan, 1.0, np.nan], "float32"), mask=mask, clip=0.5)
-    vec, _ = _both(conv, xc, yc, sw=np.array([1.0, 0.0, 1.0, 1.0], "float32"), mask=mask, clip=0.5)
-    assert list(gh["keep"]) == [True, False, True, False] and int(gh["nonfinite"]) == 1
-    for var, v, g in zip(conv.trainable_variables, vec["sums"], gh["sums"]):
-        np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6, err_msg=var.path)
-
-    tv, ntv = [v.value for v in conv.trainable_variables], [v.value for v in conv.non_trainable_variables]
-    mv, ov = [v.value for v in conv.metrics_variables], [v.value for v in conv.optimizer.variables]
-    jaxpr = jax.make_jaxpr(lambda x, y: ghost.clipped_sums(conv, tv, ntv, mv, ov, x, y, None, jnp.ones((4,), bool),
-                                                           1.0).sums)(xc, yc)
-    prims = set(_primitives(jaxpr.jaxpr))
-    assert "cond" not in prims and "scatter" in prims, sorted(prims)
-
-
 def test_bf16_policy_drops_nonfinite_rows_without_the_branch():
     """I4 under mixed_bfloat16, where the sums never take the finite fast
     path's branch: a real row with a NaN gradient (dropped, counted) and a
