@@ -645,6 +645,8 @@ def step_record(variant, args, times, peak, extra=None):
 
 
 def _record_ghost_flags(rec, variant, args):
+    if os.environ.get("XLA_FLAGS", "").strip():
+        rec["xla_flags"] = os.environ["XLA_FLAGS"].strip()
     if variant.startswith("keras_dpsgd"):
         for flag in ("gram_kernel", "sum_kernel"):
             if getattr(args, flag, "xla") != "xla":

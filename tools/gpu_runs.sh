@@ -7,7 +7,10 @@
 #   bash tools/gpu_runs.sh maxbatch OUT   # issue 5: one step at each estimated largest batch
 #                                         # (BENCHMARKS.md), to check that it fits
 #   bash tools/gpu_runs.sh sumpath OUT    # issue 5: ResNet-18-GN, ViT-B/16 ghost: the sums' finite fast path
-#                                         # (a branch), plain selects, and the scatter of zero rows
+#                                         # (a branch) against plain selects
+#   bash tools/gpu_runs.sh cmdbuf OUT     # issue 5: the branch inside CUDA graphs (XLA command buffers),
+#                                         # ResNet-18-GN without them, Opacus ghost on ViT-B/16 (seventh session)
+#   bash tools/gpu_runs.sh hostprof OUT   # issue 5: host time to issue ResNet-18-GN's steps, traced (seventh session)
 #   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
 #   bash tools/gpu_runs.sh bf16 OUT       # issue 5 under mixed_bfloat16: ViT-B/16, BERT-base (16-bit norm
 #                                         # products on and off), ResNet-18-GN (BENCHMARKS.md, sixth session,
@@ -28,15 +31,18 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
 
-# Rows "name model batch variants [NAME=VALUE]" on stdin: one bench.py
-# process per row (GPU 0, flags "${common[@]}", the ghost setting if given),
-# JSON to $out/name.json; a row not started before DEADLINE_S is skipped.
+# Rows "name model batch variants [NAME=VALUE | --xla_flag=value]" on stdin:
+# one bench.py process per row (GPU 0, flags "${common[@]}"; a NAME=VALUE is a
+# ghost setting, a --flag goes to XLA_FLAGS), JSON to $out/name.json; a row
+# not started before DEADLINE_S is skipped.
 bench_rows() {
-  local deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} )) name model batch only set
+  local deadline=$(( $(date +%s) + ${DEADLINE_S:-100000} )) name model batch only set xla
   while read -r name model batch only set; do
     if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
-    CUDA_VISIBLE_DEVICES=0 python3 tools/bench.py --models "$model" --batch "$batch" --only "$only" \
-      ${set:+--ghost-set "$set"} "${common[@]}" --json "$out/$name.json" 2>&1 \
+    xla=
+    if [[ $set == --* ]]; then xla=$set set=; fi
+    XLA_FLAGS="${XLA_FLAGS:-} $xla" CUDA_VISIBLE_DEVICES=0 python3 tools/bench.py --models "$model" --batch "$batch" \
+      --only "$only" ${set:+--ghost-set "$set"} "${common[@]}" --json "$out/$name.json" 2>&1 \
       | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
   done
 }
@@ -94,24 +100,55 @@ RUNS
 )}"
     ;;
   sumpath)
-    # The three ways the book-keeping sums drop non-finite rows, tf32, each
-    # against non-private Keras, one process per configuration, cheapest
-    # compiles first; a row not started before DEADLINE_S seconds is skipped:
-    # the finite fast path (a lax.cond: the host waits for the GPU at it),
-    # the plain selects (FINITE_FAST_PATH=False), and the branch-free scatter
-    # of zero rows (SCATTER_ZERO_ROWS=True). Compare pipelined ex/s and
-    # dispatch ms. (Runs J and Q in BENCHMARKS.md ran ViT's first two; run J
-    # also a blocked Gram form, since removed: see git history.)
+    # How the book-keeping sums drop non-finite rows, tf32, against
+    # non-private Keras, one process per configuration, cheapest compiles
+    # first; a row not started before DEADLINE_S seconds is skipped: the
+    # finite fast path (a lax.cond: the host waits for the GPU at it) and the
+    # plain selects (FINITE_FAST_PATH=False). Compare pipelined ex/s and
+    # dispatch ms. (Runs J and Q in BENCHMARKS.md ran ViT's two; run W also a
+    # branch-free scatter of zero rows, SCATTER_ZERO_ROWS=True, which lost and
+    # was removed: trees 9968f93 up to its removal have it.)
     common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log")
     bench_rows <<<"${SUMPATH_RUNS:-$(cat <<'RUNS'
 resnet_branch resnet18_gn 256 keras,keras_dpsgd
 resnet_select resnet18_gn 256 keras_dpsgd FINITE_FAST_PATH=False
-resnet_scatter resnet18_gn 256 keras_dpsgd SCATTER_ZERO_ROWS=True
 vit_branch vit_b16 64 keras,keras_dpsgd
 vit_select vit_b16 64 keras_dpsgd FINITE_FAST_PATH=False
-vit_scatter vit_b16 64 keras_dpsgd SCATTER_ZERO_ROWS=True
 RUNS
 )}"
+    ;;
+  cmdbuf)
+    # CUDA graphs (XLA command buffers), tf32: the finite fast path's branch
+    # recorded into the graph (+CONDITIONAL: the host no longer waits at it),
+    # and ResNet-18-GN without command buffers (what the graphs save the host);
+    # then Opacus ghost on ViT-B/16 for a second reading of that ratio.
+    common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 240 --log "$out/bench.log")
+    bench_rows <<<"${CMDBUF_RUNS:-$(cat <<'RUNS'
+resnet_cond resnet18_gn 256 keras_dpsgd --xla_gpu_enable_command_buffer=+CONDITIONAL
+resnet_nocb resnet18_gn 256 keras,keras_dpsgd --xla_gpu_enable_command_buffer=
+vit_cond vit_b16 64 keras_dpsgd --xla_gpu_enable_command_buffer=+CONDITIONAL
+vit_opacus vit_b16 64 opacus_ghost
+RUNS
+)}"
+    ;;
+  hostprof)
+    # Where the host's time to issue a step goes (ResNet-18-GN, tf32): traces
+    # of non-private Keras and the DP step with command buffers kept on while
+    # profiling (XLA turns them off by default then), summarized per device
+    # busy time and longest host events; the raw traces come back.
+    export CUDA_VISIBLE_DEVICES=0
+    prof=/tmp/kdp_hostprof
+    rm -rf "$prof"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_enable_command_buffers_during_profiling=true" python3 tools/bench.py \
+      --models resnet18_gn --batch 256 --only keras,keras_dpsgd --precision tf32 --steps 20 --warmup 3 \
+      --dp-clipping ghost --variant-timeout 240 --profile-dir "$prof" --profile-steps 5 --log "$out/bench.log" \
+      --json "$out/resnet.json" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
+    python3 tools/profile_summary.py "$prof" --gaps > "$out/profile_gaps.txt" 2>&1
+    cat "$out/profile_gaps.txt"
+    for v in keras keras_dpsgd_ghost; do
+      find "$prof/resnet18_gn_$v" -name perfetto_trace.json.gz -exec cp {} "$out/trace_$v.json.gz" \; -quit
+    done
+    ls -la "$out"
     ;;
   ratios)
     # Issue 5's ratios without the profiles of `ghost`: ViT-B/16, BERT-base,
