@@ -192,15 +192,16 @@ class DPOptimizer(keras.optimizers.Optimizer):
         flat = [ops.reshape(acc if g is None else acc + self._partial(g, acc), (self.num_shards, -1))
                 for acc, g in zip(self._accumulators, grads)]
         total = ops.sum(ops.concatenate(flat, axis=1), axis=0)
+        shapes = [tuple(acc.shape[1:]) for acc in self._accumulators]
+        # I5: noise once, after the reduction, from the replicated seed state;
+        # variable i's noise is gaussian_noise(seed, step, i, shape).
+        noises = dp_backend.gaussian_noises(self.noise_seed, step, shapes)
         out = []
         offset = 0
-        for index, acc in enumerate(self._accumulators):
-            shape = tuple(acc.shape[1:])
+        for shape, noise in zip(shapes, noises):
             size = int(np.prod(shape, dtype=np.int64))
             summed = ops.reshape(total[offset:offset + size], shape)
             offset += size
-            # I5: noise once, after the reduction, from the replicated seed state.
-            noise = dp_backend.gaussian_noise(self.noise_seed, step, index, shape)
             out.append((summed + std * noise) / self.expected_batch_size)  # I6
         return out
 

@@ -220,3 +220,17 @@ def test_gaussian_noise_is_a_pure_function_of_seed_step_and_index():
                   draw(5, 0, ops.convert_to_tensor(np.array([8, -3], np.int32)))):
         assert np.abs(np.corrcoef(a, other)[0, 1]) < 0.1
     assert abs(a.mean()) < 0.1 and abs(a.std() - 1.0) < 0.1
+
+
+def test_gaussian_noises_are_the_per_variable_draws():
+    """What the optimizer draws per logical step (`gaussian_noises`, keys
+    derived in one vectorized op on JAX) is exactly gaussian_noise(seed,
+    step, i, shape_i) for each variable i: fresh per variable, same numbers."""
+    seed = ops.convert_to_tensor(np.array([7, -3], np.int32))
+    step = ops.convert_to_tensor(4, "int32")
+    shapes = [(3, 5), (7,), (), (2, 1, 4)]
+    got = [np_(n) for n in dp_backend.gaussian_noises(seed, step, shapes)]
+    assert [g.shape for g in got] == shapes
+    for i, (g, shape) in enumerate(zip(got, shapes)):
+        np.testing.assert_array_equal(g, np_(dp_backend.gaussian_noise(seed, step, i, shape)))
+    assert not np.array_equal(got[0].reshape(-1)[:4], got[3].reshape(-1)[:4])

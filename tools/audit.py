@@ -60,10 +60,10 @@ def run_audit(canaries=1000, normal=1000, dim=16, classes=4, epochs=4, batch_siz
     train_x = np.concatenate([x, cx[is_in]])
     train_y = np.concatenate([y, cy[is_in]])
 
-    saved = dp_backend.gaussian_noise
+    saved = dp_backend.gaussian_noises
     if break_mode == "noise":
         # Deliberately broken DP: no noise, while epsilon is still reported.
-        dp_backend.gaussian_noise = lambda seed_words, step, index, shape: keras.ops.zeros(shape, "float32")
+        dp_backend.gaussian_noises = lambda seed_words, step, shapes: [keras.ops.zeros(s, "float32") for s in shapes]
     try:
         keras.utils.set_random_seed(seed)
         inputs = keras.Input((x.shape[1],))
@@ -73,7 +73,7 @@ def run_audit(canaries=1000, normal=1000, dim=16, classes=4, epochs=4, batch_siz
         model.fit(train_x, train_y, batch_size=batch_size, epochs=epochs, l2_norm_clip=l2_norm_clip,
                   target_epsilon=target_epsilon, target_delta=delta, seed=seed, verbose=verbose)
     finally:
-        dp_backend.gaussian_noise = saved
+        dp_backend.gaussian_noises = saved
 
     logits = np.asarray(keras.ops.convert_to_numpy(model.predict(cx, verbose=0)), np.float64)
     logp = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1, keepdims=True)) - logits.max(1, keepdims=True)

@@ -17,6 +17,15 @@ else:  # pragma: no cover
     )
 
 gaussian_noise = impl.gaussian_noise
+
+
+def _each_noise(seed_words, step, shapes):
+    return [gaussian_noise(seed_words, step, i, shape) for i, shape in enumerate(shapes)]
+
+
+# One logical step's noise for variables 0..n-1 (what the optimizer calls):
+# element i equals gaussian_noise(seed_words, step, i, shapes[i]).
+gaussian_noises = getattr(impl, "gaussian_noises", _each_noise)
 # Data parallelism (JAX only for now); one shard and no-ops elsewhere.
 num_data_shards = getattr(impl, "num_data_shards", lambda: 1)
 shard_leading_axis = getattr(impl, "shard_leading_axis", lambda variable: None)
