@@ -366,9 +366,14 @@ class Runner:
         return logs
 
     def _publish(self):
+        """Where Keras' `jax_state_sync` (callbacks, saving) finds the state.
+        Set past Keras' attribute tracking: it would wrap the four lists on
+        every physical batch (0.26 ms for a 200-variable model) to track
+        nothing, since they hold arrays, not variables."""
         tv, ntv, ov, mv = self.state
-        self.model._jax_state = {"trainable_variables": tv, "non_trainable_variables": ntv,
-                                 "optimizer_variables": ov, "metrics_variables": mv}
+        object.__setattr__(self.model, "_jax_state", {
+            "trainable_variables": tv, "non_trainable_variables": ntv,
+            "optimizer_variables": ov, "metrics_variables": mv})
 
     def assign(self, variable, value):
         """Sets an optimizer variable between steps, wherever the state lives now."""
