@@ -10,6 +10,7 @@
 #                                         # (a branch) against plain selects
 #   bash tools/gpu_runs.sh cmdbuf OUT     # issue 5: the branch inside CUDA graphs (XLA command buffers),
 #                                         # ResNet-18-GN without them, Opacus ghost on ViT-B/16 (seventh session)
+#   bash tools/gpu_runs.sh gemmflags OUT  # issue 5: ViT-B/16 ghost under XLA GEMM-emission flags (eighth session)
 #   bash tools/gpu_runs.sh hostprof OUT   # issue 5: host time to issue ResNet-18-GN's steps, traced (seventh session)
 #   bash tools/gpu_runs.sh ratios OUT     # issue 5: the ratios of `ghost` on the three models, no profiles
 #   bash tools/gpu_runs.sh bf16 OUT       # issue 5 under mixed_bfloat16: ViT-B/16, BERT-base (16-bit norm
@@ -41,7 +42,9 @@ bench_rows() {
     if (( $(date +%s) > deadline )); then echo "deadline: skipped $name"; continue; fi
     xla=
     if [[ $set == --* ]]; then xla=$set set=; fi
-    XLA_FLAGS="${XLA_FLAGS:-} $xla" CUDA_VISIBLE_DEVICES=0 python3 tools/bench.py --models "$model" --batch "$batch" \
+    # (An XLA_FLAGS of only blanks makes XLA abort: it reads it as a file name.)
+    xla="${XLA_FLAGS:-} $xla"; xla="${xla#"${xla%%[![:space:]]*}"}"
+    env -u XLA_FLAGS ${xla:+"XLA_FLAGS=$xla"} CUDA_VISIBLE_DEVICES=0 python3 tools/bench.py --models "$model" --batch "$batch" \
       --only "$only" ${set:+--ghost-set "$set"} "${common[@]}" --json "$out/$name.json" 2>&1 \
       | grep -v "^WARNING\|^I0000\|^W0000" | grep "/ \|rror\|  ok"
   done
@@ -128,6 +131,20 @@ resnet_cond resnet18_gn 256 keras_dpsgd --xla_gpu_enable_command_buffer=+CONDITI
 resnet_nocb resnet18_gn 256 keras,keras_dpsgd --xla_gpu_enable_command_buffer=
 vit_cond vit_b16 64 keras_dpsgd --xla_gpu_enable_command_buffer=+CONDITIONAL
 vit_opacus vit_b16 64 opacus_ghost
+RUNS
+)}"
+    ;;
+  gemmflags)
+    # ViT-B/16 ghost, tf32, under XLA flags that change how its GEMMs are
+    # emitted (eighth session): Triton GEMM fusions for every dot (the
+    # book-keeping operand's row scaling can then be fused into the GEMM's
+    # prologue instead of a separate pass), cuDNN GEMM fusions; non-private
+    # Keras and the default DP step in the same run.
+    common=(--precision tf32 --steps 20 --warmup 3 --dp-clipping ghost --variant-timeout 280 --log "$out/bench.log")
+    bench_rows <<<"${GEMMFLAGS_RUNS:-$(cat <<'RUNS'
+vit_default vit_b16 64 keras,keras_dpsgd
+vit_triton_any vit_b16 64 keras_dpsgd --xla_gpu_triton_gemm_any=true
+vit_cudnn_fusion vit_b16 64 keras_dpsgd --xla_gpu_cudnn_gemm_fusion_level=3
 RUNS
 )}"
     ;;
