@@ -209,6 +209,9 @@ def test_bench_tiny_torch_models_run(tmp_path):
     for r in rows.values():
         assert r["status"] == "ok", r
         assert r["examples_per_s"] > 0, r
+        # Steps back to back too, as for the JAX rows (pipelined vs pipelined).
+        assert r["pipelined_examples_per_s"] > 0, r
+        assert 0 < r["dispatch_ms"] < 2 * r["median_step_ms"], r
 
 
 def test_vmap_leak_reports_each_case_on_this_device():
@@ -254,3 +257,20 @@ def test_profile_plot_stacks_scopes_per_trace(tmp_path):
     empty.write_text("[]")
     with pytest.raises(SystemExit):
         profile_plot.load([str(empty)])
+
+
+def test_bench_ratios_pair_pipelined_rows_of_both_frameworks():
+    """Pipelined ratios are formed for every pair whose two rows have a
+    pipelined rate (keras-dpsgd against Keras and against Opacus)."""
+    from tools import bench
+
+    def row(variant, sync, piped=None):
+        return {"model": "m", "variant": variant, "status": "ok", "examples_per_s": sync,
+                "pipelined_examples_per_s": piped}
+
+    got = bench.ratios([row("keras", 100.0, 110.0), row("keras_dpsgd", 80.0, 99.0),
+                        row("opacus_ghost", 40.0, 45.0), row("opacus_hooks", 20.0)])["m"]
+    assert got["keras_dpsgd / opacus_ghost"] == pytest.approx(2.0)
+    assert got["keras_dpsgd / opacus_ghost (pipelined)"] == pytest.approx(99.0 / 45.0)
+    assert got["keras_dpsgd / keras (pipelined)"] == pytest.approx(0.9)
+    assert "keras_dpsgd / opacus_hooks (pipelined)" not in got  # no pipelined rate for that row

@@ -1033,6 +1033,10 @@ def worker_torch(args, out, variant):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = timed_loop(step, sync, args.warmup, args.steps)
+    # Back to back as a training loop runs them (one sync at the end), like
+    # the JAX rows: compare pipelined with pipelined.
+    extra["pipelined_examples_per_s"] = pipelined_rate(step, sync, args.batch, args.steps)
+    extra["dispatch_ms"] = dispatch_ms(step, sync, args.steps)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     if cuda:
         held, limit = torch.cuda.memory_allocated(), torch.cuda.get_device_properties(0).total_memory
@@ -1210,8 +1214,10 @@ def ratios(results):
         # Steps dispatched back to back (`pipelined_rate`), where both rows have them.
         pl = {r["variant"]: r.get("pipelined_examples_per_s") for r in results
               if r["model"] == model and r.get("status") == "ok" and r.get("pipelined_examples_per_s")}
-        if "keras_dpsgd" in pl and "keras" in pl:
-            out[model]["keras_dpsgd / keras (pipelined)"] = pl["keras_dpsgd"] / pl["keras"]
+        for a, b in (("keras_dpsgd", "keras"), ("keras_dpsgd", "opacus_ghost"), ("keras_dpsgd", "opacus_hooks"),
+                     ("opacus_ghost", "torch")):
+            if a in pl and b in pl:
+                out[model][f"{a} / {b} (pipelined)"] = pl[a] / pl[b]
     return out
 
 
